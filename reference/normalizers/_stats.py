@@ -1,0 +1,90 @@
+"""Statistics and backward formulas shared by the normalizers.
+
+Everything here is written once and reused: the accurate centered data / mean / variance, and the
+two generic VJPs of the research notes (normalizers.md §0):
+
+* VJP-STD(R): for ``x_hat = (x - mean_R x) * inv_std`` with ``inv_std = 1/sqrt(var_R x + eps)``
+  (biased variance) and an upstream ``h = dL/dx_hat``,
+  ``dx = inv_std * (h - mean_R(h) - x_hat * mean_R(h * x_hat))``.
+  Derivation: d x_hat_i / d x_j = inv_std (delta_ij - 1/n) - inv_std x_hat_i x_hat_j / n, since
+  d mean/dx_j = 1/n and d inv_std/dx_j = -inv_std^3 (x_j - mean)/n; contract with h.
+* VJP-RMS(R): for ``x_hat = x * inv_rms`` with ``inv_rms = 1/sqrt(mean_R(x^2) + eps)``,
+  ``dx = inv_rms * (h - x_hat * mean_R(h * x_hat))`` (the same derivation without the mean).
+
+Accuracy: the mean is taken in two steps, a shift ``s = mean(x)`` and the mean of ``x - s``.
+When the data sit near a large offset (mean 1e8, std 1e-3) ``x - s`` is exact (Sterbenz: both lie
+within a factor 2) and its mean is accurate relative to the *spread*, so ``x - mean`` is accurate
+to a few ulps of the spread.  A plain two-pass mean would carry the first pass's rounding error,
+u * |mean| = 1e-8 here, i.e. 1e-5 of the spread.  The mean itself is returned as ``s + delta``
+rounded (the state only needs it to float64 precision); the centered data never go through that
+rounding.  Squares are not rescaled, so |x - mean| must stay below ~1e154.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reference._backend import namespace
+
+
+def centered_moments(
+    x: Any, axes: tuple[int, ...], *, correction: int = 0
+) -> tuple[Any, Any, Any]:
+    """Return ``(mean, x - mean, var)`` over ``axes`` (keepdims), var with ``correction``.
+
+    ``var = sum((x - mean)^2) / (n - correction)``; ``correction=0`` is the biased (population)
+    variance every normalizer divides by, ``correction=1`` Bessel's unbiased estimate.
+    """
+    xp = namespace(x)
+    shift = xp.mean(x, axis=axes, keepdims=True)
+    shifted = x - shift
+    delta = xp.mean(shifted, axis=axes, keepdims=True)
+    centered = shifted - delta
+    n = reduction_size(x, axes)
+    var = xp.sum(centered * centered, axis=axes, keepdims=True) / (n - correction)
+    return shift + delta, centered, var
+
+
+def reduction_size(x: Any, axes: tuple[int, ...]) -> int:
+    """Number of elements each reduction over ``axes`` sees."""
+    n = 1
+    for a in axes:
+        n *= int(x.shape[a])
+    return n
+
+
+def standardize(x: Any, axes: tuple[int, ...], eps: float) -> tuple[Any, Any, Any, Any]:
+    """``(x_hat, inv_std, mean, biased_var)`` for ``x_hat = (x - mean) / sqrt(var + eps)``."""
+    xp = namespace(x)
+    mean, centered, var = centered_moments(x, axes)
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    return centered * inv_std, inv_std, mean, var
+
+
+def standardize_vjp(h: Any, x_hat: Any, inv_std: Any, axes: tuple[int, ...]) -> Any:
+    """VJP-STD(R): gradient w.r.t. x of ``<h, x_hat(x)>`` through the batch mean and variance."""
+    xp = namespace(h)
+    mean_h = xp.mean(h, axis=axes, keepdims=True)
+    mean_hx = xp.mean(h * x_hat, axis=axes, keepdims=True)
+    return inv_std * (h - mean_h - x_hat * mean_hx)
+
+
+def rms_vjp(h: Any, x_hat: Any, inv_rms: Any, axes: tuple[int, ...]) -> Any:
+    """VJP-RMS(R): gradient w.r.t. x of ``<h, x * inv_rms(x)>`` with eps inside the root."""
+    xp = namespace(h)
+    mean_hx = xp.mean(h * x_hat, axis=axes, keepdims=True)
+    return inv_rms * (h - x_hat * mean_hx)
+
+
+def other_axes(ndim: int, keep: tuple[int, ...] | int) -> tuple[int, ...]:
+    """All axes of an ``ndim`` array except ``keep``."""
+    keep = (keep,) if isinstance(keep, int) else keep
+    return tuple(a for a in range(ndim) if a not in keep)
+
+
+def expand_to(v: Any, ndim: int, axis: int) -> Any:
+    """Reshape a 1-D per-channel vector so it broadcasts along ``axis`` of an ``ndim`` array."""
+    xp = namespace(v)
+    shape = [1] * ndim
+    shape[axis] = int(v.shape[0])
+    return xp.reshape(v, tuple(shape))

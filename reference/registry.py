@@ -1,0 +1,606 @@
+"""The op registry: specs/ (data) bound to reference functions (math).
+
+A spec is one TOML file, ``specs/<family>/<name>.toml``.  Its keys (all validated on load; a
+malformed spec raises :class:`SpecError` naming the file and the key):
+
+``name``, ``family``, ``summary``
+``function``      ``"module:callable"`` of the human API.  Its positional-or-keyword parameters
+                  are the spec's inputs then its state (same names, same order); its keyword-only
+                  parameters are exactly the spec's hyper-parameters with the spec's defaults.
+                  It returns the output array (one output), a tuple of outputs (several), and for
+                  ops with state ``(outputs, new_state_dict)``.
+``vjp``           ``"module:callable"``: parameters ``d<output>`` for each output, then the inputs
+                  and state, then the same keyword-only hyper-parameters; returns a dict with one
+                  gradient per differentiable input that was given.
+``init_state``    (ops with state) ``"module:callable"`` building the initial state from inputs.
+``backward``      ``exact`` | ``custom`` | ``surrogate``
+``tolerance``     the tolerance class used by the harness (e.g. ``standardizer``)
+``properties``    names of the invariants the property tests check
+``[citation]``    ``title``, ``arxiv``, ``equations``, ``code`` (official code path), ``notes``
+``[[inputs]]`` / ``[[state]]`` / ``[[outputs]]``: ``name``, ``shape`` (a rule in words),
+                  ``differentiable`` (inputs), ``optional``, ``doc``
+``[hparams.<name>]``  ``type`` (float|int|bool|str|axes), ``default``, optional ``allowed``,
+                  ``min``/``max`` (inclusive) or ``gt``/``lt`` (exclusive), ``nullable``, ``doc``.
+                  TOML has no null: the string ``"None"`` stands for Python ``None`` where
+                  ``nullable = true``.
+``[dialects.<framework>]``  ``api`` (the framework call), ``source`` (file it was read from),
+                  ``notes``, and ``hparams`` = the values that reproduce that framework.
+
+Public entry points: :func:`ops`, :func:`get`, :func:`load_spec`, and the decorators
+:func:`oracle_function` / :func:`oracle_vjp` that make the human API validate its
+hyper-parameters against the same spec and promote its arrays to float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reference._backend import Outputs, as_float64, is_array
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "Citation",
+    "HParam",
+    "Op",
+    "Spec",
+    "SpecError",
+    "TensorSpec",
+    "get",
+    "load_spec",
+    "ops",
+    "oracle_function",
+    "oracle_vjp",
+    "specs_dir",
+]
+
+BACKWARD_KINDS = ("exact", "custom", "surrogate")
+HPARAM_TYPES = ("float", "int", "bool", "str", "axes")
+NONE_SENTINEL = "None"
+
+
+class SpecError(ValueError):
+    """A spec file is malformed; the message names the file and the key."""
+
+
+def specs_dir() -> Path:
+    """The folder holding the specs: ``$NORMREF_SPECS`` or ``specs/`` next to the package."""
+    env = os.environ.get("NORMREF_SPECS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "specs"
+
+
+# --------------------------------------------------------------------------------------------
+# Spec data classes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Citation:
+    title: str
+    arxiv: str
+    equations: str
+    code: str
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: str
+    differentiable: bool = False
+    optional: bool = False
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class HParam:
+    name: str
+    type: str
+    default: Any
+    allowed: tuple[Any, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+    nullable: bool = False
+    doc: str = ""
+
+    def domain(self) -> str:
+        """The allowed values in words, for error messages and ``normref show``."""
+        parts = []
+        if self.allowed is not None:
+            parts.append("one of " + ", ".join(repr(a) for a in self.allowed))
+        if self.gt is not None:
+            parts.append(f"> {self.gt}")
+        if self.min is not None:
+            parts.append(f">= {self.min}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt}")
+        if self.max is not None:
+            parts.append(f"<= {self.max}")
+        text = f"{self.type} " + " and ".join(parts) if parts else self.type
+        return text + (" or None" if self.nullable else "")
+
+    def check(self, op: str, value: Any) -> Any:
+        """Return ``value`` (axes normalized to a tuple) or raise naming op, key and domain."""
+        where = f"{op}: hyper-parameter {self.name!r}"
+        if value is None:
+            if self.nullable:
+                return None
+            raise ValueError(f"{where} must be {self.domain()}, got None")
+        value = _check_type(where, self.type, value)
+        if self.allowed is not None and value not in self.allowed:
+            raise ValueError(f"{where} must be {self.domain()}, got {value!r}")
+        if self.type in ("float", "int"):
+            bad = (
+                (self.type == "float" and not math.isfinite(value))
+                or (self.gt is not None and not value > self.gt)
+                or (self.min is not None and not value >= self.min)
+                or (self.lt is not None and not value < self.lt)
+                or (self.max is not None and not value <= self.max)
+            )
+            if bad:
+                raise ValueError(f"{where} must be {self.domain()}, got {value!r}")
+        return value
+
+
+def _check_type(where: str, kind: str, value: Any) -> Any:
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise TypeError(f"{where} must be a bool, got {type(value).__name__} {value!r}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise TypeError(f"{where} must be a str, got {type(value).__name__} {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if not (hasattr(value, "__index__") and not isinstance(value, bool)):
+                raise TypeError(f"{where} must be an int, got {type(value).__name__} {value!r}")
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                return float(value)  # NumPy scalars
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"{where} must be a float, got {type(value).__name__} {value!r}"
+                ) from None
+        return float(value)
+    if kind == "axes":
+        items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+        try:
+            items = tuple(items)
+        except TypeError:
+            raise TypeError(
+                f"{where} must be an int or a sequence of ints, got {type(value).__name__}"
+            ) from None
+        if not items or any(isinstance(a, bool) or not isinstance(a, int) for a in items):
+            raise TypeError(f"{where} must be an int or a non-empty sequence of ints, got {value!r}")
+        return items
+    raise AssertionError(kind)  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    family: str
+    summary: str
+    path: Path
+    citation: Citation
+    function: str
+    vjp: str
+    init_state: str | None
+    backward: str
+    tolerance: str
+    properties: tuple[str, ...]
+    inputs: tuple[TensorSpec, ...]
+    state: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    hparams: dict[str, HParam]
+    dialects: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def differentiable(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs if t.differentiable)
+
+    def defaults(self) -> dict[str, Any]:
+        return {k: p.default for k, p in self.hparams.items()}
+
+    def resolve(self, hparams: Mapping[str, Any], *, dialect: str | None = None) -> dict[str, Any]:
+        """Defaults, overlaid by a dialect's values, overlaid by ``hparams``; all validated."""
+        values = self.defaults()
+        if dialect is not None:
+            if dialect not in self.dialects:
+                known = ", ".join(sorted(self.dialects)) or "none"
+                raise ValueError(f"{self.name}: unknown dialect {dialect!r}; known: {known}")
+            values.update(self.dialects[dialect]["hparams"])
+        for key, value in hparams.items():
+            if key not in self.hparams:
+                known = ", ".join(self.hparams)
+                raise TypeError(
+                    f"{self.name}: unknown hyper-parameter {key!r}; expected one of: {known}"
+                )
+            values[key] = value
+        return {k: self.hparams[k].check(self.name, v) for k, v in values.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Spec loading
+# --------------------------------------------------------------------------------------------
+
+
+def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in data:
+        raise SpecError(f"{where}: missing key {key!r}")
+    value = data[key]
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise SpecError(f"{where}: key {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec, ...]:
+    out = []
+    allowed = {"name", "shape", "differentiable", "optional", "doc"}
+    for i, item in enumerate(data.get(key, [])):
+        w = f"{where} [[{key}]] #{i}"
+        if not isinstance(item, dict):
+            raise SpecError(f"{w}: must be a table")
+        extra = set(item) - allowed
+        if extra:
+            raise SpecError(f"{w}: unknown keys {sorted(extra)}; allowed {sorted(allowed)}")
+        out.append(
+            TensorSpec(
+                name=_need(item, "name", str, w),
+                shape=_need(item, "shape", str, w),
+                differentiable=bool(item.get("differentiable", False)),
+                optional=bool(item.get("optional", False)),
+                doc=str(item.get("doc", "")),
+            )
+        )
+    return tuple(out)
+
+
+def _hparam(name: str, item: Any, where: str) -> HParam:
+    w = f"{where} [hparams.{name}]"
+    if not isinstance(item, dict):
+        raise SpecError(f"{w}: must be a table")
+    allowed_keys = {"type", "default", "allowed", "min", "max", "gt", "lt", "nullable", "doc"}
+    extra = set(item) - allowed_keys
+    if extra:
+        raise SpecError(f"{w}: unknown keys {sorted(extra)}; allowed {sorted(allowed_keys)}")
+    kind = _need(item, "type", str, w)
+    if kind not in HPARAM_TYPES:
+        raise SpecError(f"{w}: type must be one of {HPARAM_TYPES}, got {kind!r}")
+    if "default" not in item:
+        raise SpecError(f"{w}: missing key 'default'")
+    nullable = bool(item.get("nullable", False))
+
+    def unsentinel(v: Any) -> Any:
+        return None if nullable and v == NONE_SENTINEL else v
+
+    allowed = item.get("allowed")
+    param = HParam(
+        name=name,
+        type=kind,
+        default=unsentinel(item["default"]),
+        allowed=tuple(allowed) if allowed is not None else None,
+        min=item.get("min"),
+        max=item.get("max"),
+        gt=item.get("gt"),
+        lt=item.get("lt"),
+        nullable=nullable,
+        doc=str(item.get("doc", "")),
+    )
+    try:
+        checked = param.check(name, param.default)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{w}: default is invalid: {exc}") from None
+    if kind == "axes" and checked is not None:
+        param = HParam(**{**param.__dict__, "default": checked})
+    return param
+
+
+def load_spec(path: str | os.PathLike[str]) -> Spec:
+    """Parse and validate one spec file."""
+    path = Path(path)
+    where = str(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{where}: not valid TOML: {exc}") from None
+    name = _need(data, "name", str, where)
+    if name != path.stem:
+        raise SpecError(f"{where}: name {name!r} must equal the file name {path.stem!r}")
+    cit = _need(data, "citation", dict, where)
+    citation = Citation(
+        title=_need(cit, "title", str, f"{where} [citation]"),
+        arxiv=str(cit.get("arxiv", "")),
+        equations=_need(cit, "equations", str, f"{where} [citation]"),
+        code=_need(cit, "code", str, f"{where} [citation]"),
+        notes=str(cit.get("notes", "")),
+    )
+    backward = _need(data, "backward", str, where)
+    if backward not in BACKWARD_KINDS:
+        raise SpecError(f"{where}: backward must be one of {BACKWARD_KINDS}, got {backward!r}")
+    hparams_raw = data.get("hparams", {})
+    if not isinstance(hparams_raw, dict):
+        raise SpecError(f"{where}: [hparams] must be a table")
+    hparams = {k: _hparam(k, v, where) for k, v in hparams_raw.items()}
+    state = _tensors(data, "state", where)
+    spec = Spec(
+        name=name,
+        family=_need(data, "family", str, where),
+        summary=_need(data, "summary", str, where),
+        path=path,
+        citation=citation,
+        function=_need(data, "function", str, where),
+        vjp=_need(data, "vjp", str, where),
+        init_state=data.get("init_state"),
+        backward=backward,
+        tolerance=_need(data, "tolerance", str, where),
+        properties=tuple(data.get("properties", ())),
+        inputs=_tensors(data, "inputs", where),
+        state=state,
+        outputs=_tensors(data, "outputs", where),
+        hparams=hparams,
+        dialects={},
+    )
+    if not spec.inputs or not spec.outputs:
+        raise SpecError(f"{where}: needs at least one [[inputs]] and one [[outputs]]")
+    if state and not spec.init_state:
+        raise SpecError(f"{where}: has [[state]] but no 'init_state'")
+    for d_name, table in data.get("dialects", {}).items():
+        w = f"{where} [dialects.{d_name}]"
+        if not isinstance(table, dict):
+            raise SpecError(f"{w}: must be a table")
+        raw = _need(table, "hparams", dict, w)
+        values = {}
+        for key, value in raw.items():
+            if key not in hparams:
+                raise SpecError(f"{w}: unknown hyper-parameter {key!r}")
+            value = None if hparams[key].nullable and value == NONE_SENTINEL else value
+            try:
+                values[key] = hparams[key].check(name, value)
+            except (TypeError, ValueError) as exc:
+                raise SpecError(f"{w}: {exc}") from None
+        spec.dialects[d_name] = {
+            "api": str(table.get("api", "")),
+            "source": str(table.get("source", "")),
+            "notes": str(table.get("notes", "")),
+            "hparams": values,
+        }
+    return spec
+
+
+@functools.lru_cache(maxsize=None)
+def _all_specs() -> dict[str, Spec]:
+    root = specs_dir()
+    specs: dict[str, Spec] = {}
+    for path in sorted(root.glob("*/*.toml")):
+        spec = load_spec(path)
+        if spec.name in specs:
+            raise SpecError(f"{path}: op {spec.name!r} is also defined in {specs[spec.name].path}")
+        specs[spec.name] = spec
+    return specs
+
+
+def _resolve_callable(ref: str, where: str) -> Callable[..., Any]:
+    module_name, _, attr = ref.partition(":")
+    if not attr:
+        raise SpecError(f"{where}: {ref!r} must have the form 'module:callable'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SpecError(f"{where}: cannot import {ref!r}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Bound ops
+# --------------------------------------------------------------------------------------------
+
+
+def _split_state_result(spec: Spec, result: Any) -> tuple[Any, dict[str, Any]]:
+    if spec.state:
+        outputs, new_state = result
+        return outputs, dict(new_state)
+    return result, {}
+
+
+def _as_output_dict(spec: Spec, outputs: Any) -> dict[str, Any]:
+    if len(spec.outputs) == 1:
+        return {spec.outputs[0].name: outputs}
+    return {t.name: v for t, v in zip(spec.outputs, outputs, strict=True)}
+
+
+@dataclass(frozen=True)
+class Op:
+    """An op: its parsed spec bound to its reference functions."""
+
+    spec: Spec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def function(self) -> Callable[..., Any]:
+        return _resolve_callable(self.spec.function, f"{self.spec.path} function")
+
+    @property
+    def vjp_function(self) -> Callable[..., Any]:
+        return _resolve_callable(self.spec.vjp, f"{self.spec.path} vjp")
+
+    def dialect(self, name: str) -> dict[str, Any]:
+        """The full hyper-parameter dict (defaults overlaid by the dialect's values)."""
+        return self.spec.resolve({}, dialect=name)
+
+    def _arrays(
+        self, inputs: Mapping[str, Any], state: Mapping[str, Any] | None, hp: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        spec = self.spec
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"{spec.name}: inputs must be a dict of arrays, got {type(inputs).__name__}")
+        known_in = {t.name for t in spec.inputs}
+        for key in inputs:
+            if key not in known_in:
+                raise TypeError(
+                    f"{spec.name}: unknown input {key!r}; expected some of {sorted(known_in)}"
+                )
+        arrays: dict[str, Any] = {}
+        promoted: dict[str, str] = {}
+        for t in spec.inputs:
+            if inputs.get(t.name) is None:
+                if not t.optional:
+                    raise ValueError(f"{spec.name}: input {t.name!r} is required ({t.shape})")
+                continue
+            arrays[t.name], orig = as_float64(inputs[t.name], t.name, op=spec.name)
+            if orig:
+                promoted[t.name] = orig
+        if spec.state:
+            if state is None or len(state) == 0:
+                state = self.init_state(arrays, **hp)
+            known_st = {t.name for t in spec.state}
+            for key in state:
+                if key not in known_st:
+                    raise TypeError(
+                        f"{spec.name}: unknown state {key!r}; expected some of {sorted(known_st)}"
+                    )
+            for t in spec.state:
+                if state.get(t.name) is None:
+                    if not t.optional:
+                        raise ValueError(f"{spec.name}: state {t.name!r} is required ({t.shape})")
+                    continue
+                arrays[t.name], orig = as_float64(state[t.name], t.name, op=spec.name)
+                if orig:
+                    promoted[t.name] = orig
+        elif state:
+            raise TypeError(f"{spec.name}: this op has no state, got state keys {sorted(state)}")
+        return arrays, promoted
+
+    def init_state(self, inputs: Mapping[str, Any], **hparams: Any) -> dict[str, Any]:
+        """The initial state for these inputs (empty for stateless ops)."""
+        if not self.spec.state:
+            return {}
+        hp = self.spec.resolve(hparams)
+        fn = _resolve_callable(self.spec.init_state, f"{self.spec.path} init_state")
+        params = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in {**inputs, **hp}.items() if k in params}
+        return dict(fn(**kwargs))
+
+    def apply(
+        self,
+        inputs: Mapping[str, Any],
+        state: Mapping[str, Any] | None = None,
+        **hparams: Any,
+    ) -> tuple[Outputs, dict[str, Any]]:
+        """Forward: ``(outputs, new_state)``, both dicts keyed by the spec's names.
+
+        Missing hyper-parameters take the spec's defaults; ``state=None`` starts from
+        ``init_state``.  ``outputs.promoted`` records inputs that were not float64.
+        """
+        hp = self.spec.resolve(hparams)
+        arrays, promoted = self._arrays(inputs, state, hp)
+        result = self.function(**arrays, **hp)
+        outputs, new_state = _split_state_result(self.spec, result)
+        return Outputs(_as_output_dict(self.spec, outputs), promoted=promoted), new_state
+
+    def vjp(
+        self,
+        inputs: Mapping[str, Any],
+        state: Mapping[str, Any] | None,
+        cotangents: Mapping[str, Any],
+        **hparams: Any,
+    ) -> dict[str, Any]:
+        """Gradient of ``<cotangents, outputs>`` w.r.t. each differentiable input given.
+
+        Outputs absent from ``cotangents`` get a zero cotangent.
+        """
+        spec = self.spec
+        hp = spec.resolve(hparams)
+        arrays, _ = self._arrays(inputs, state, hp)
+        names = {t.name for t in spec.outputs}
+        for key in cotangents:
+            if key not in names:
+                raise TypeError(f"{spec.name}: unknown cotangent {key!r}; outputs are {sorted(names)}")
+        cts = {}
+        for t in spec.outputs:
+            if cotangents.get(t.name) is not None:
+                cts["d" + t.name], _ = as_float64(cotangents[t.name], "d" + t.name, op=spec.name)
+            else:
+                cts["d" + t.name] = None
+        return dict(self.vjp_function(**cts, **arrays, **hp))
+
+
+def ops() -> list[str]:
+    """Names of all registered ops, sorted."""
+    return sorted(_all_specs())
+
+
+def get(name: str) -> Op:
+    """The bound op called ``name``; ``KeyError`` naming the known ops if there is none."""
+    specs = _all_specs()
+    if name not in specs:
+        raise KeyError(f"unknown op {name!r}; known ops: {', '.join(sorted(specs))}")
+    return Op(specs[name])
+
+
+# --------------------------------------------------------------------------------------------
+# Decorators for the human API
+# --------------------------------------------------------------------------------------------
+
+
+def _wrap(op_name: str, kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+        kw_only = [p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{op_name}: {exc}") from None
+            spec = _all_specs()[op_name]
+            hp = spec.resolve({k: bound.arguments[k] for k in kw_only if k in bound.arguments})
+            arrays = {}
+            for key, value in bound.arguments.items():
+                if key in hp:
+                    continue
+                if value is None:
+                    arrays[key] = None
+                elif is_array(value) or isinstance(value, (list, tuple, float, int)):
+                    arrays[key], _ = as_float64(value, key, op=op_name)
+                else:
+                    raise TypeError(
+                        f"{op_name}: {key} must be an array, got {type(value).__name__}"
+                    )
+            return fn(**arrays, **hp)
+
+        wrapper.__normref_op__ = (op_name, kind)  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def oracle_function(op_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a human-API forward: validate hyper-parameters by the spec, promote arrays."""
+    return _wrap(op_name, "function")
+
+
+def oracle_vjp(op_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a hand-written VJP the same way."""
+    return _wrap(op_name, "vjp")
