@@ -25,6 +25,9 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   ``nullable = true``.
 ``[dialects.<framework>]``  ``api`` (the framework call), ``source`` (file it was read from),
                   ``notes``, and ``hparams`` = the values that reproduce that framework.
+``[[cases]]``     seeded default cases: ``name``, ``shapes`` (input name -> list of ints),
+                  optional ``hparams`` (overrides) and ``dialect``.  The harness and the generic
+                  tests draw standard-normal values for these shapes (conformance/cases.py).
 
 Public entry points: :func:`ops`, :func:`get`, :func:`load_spec`, and the decorators
 :func:`oracle_function` / :func:`oracle_vjp` that make the human API validate its
@@ -211,6 +214,7 @@ class Spec:
     outputs: tuple[TensorSpec, ...]
     hparams: dict[str, HParam]
     dialects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cases: tuple[dict[str, Any], ...] = ()
 
     @property
     def differentiable(self) -> tuple[str, ...]:
@@ -383,10 +387,46 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
             "notes": str(table.get("notes", "")),
             "hparams": values,
         }
+    spec = Spec(**{**spec.__dict__, "cases": _cases(data, spec, where)})
     return spec
 
 
-@functools.lru_cache(maxsize=None)
+def _cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, Any], ...]:
+    out = []
+    inputs = {t.name: t for t in spec.inputs}
+    for i, item in enumerate(data.get("cases", [])):
+        w = f"{where} [[cases]] #{i}"
+        if not isinstance(item, dict):
+            raise SpecError(f"{w}: must be a table")
+        extra = set(item) - {"name", "shapes", "hparams", "dialect"}
+        if extra:
+            raise SpecError(f"{w}: unknown keys {sorted(extra)}")
+        name = _need(item, "name", str, w)
+        shapes = _need(item, "shapes", dict, w)
+        for key, shape in shapes.items():
+            if key not in inputs:
+                raise SpecError(f"{w}: shapes names unknown input {key!r}")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise SpecError(f"{w}: shape of {key!r} must be a list of non-negative ints")
+        missing = [t.name for t in spec.inputs if not t.optional and t.name not in shapes]
+        if missing:
+            raise SpecError(f"{w}: shapes must give the required inputs {missing}")
+        dialect = item.get("dialect")
+        if dialect is not None and dialect not in spec.dialects:
+            raise SpecError(f"{w}: unknown dialect {dialect!r}")
+        try:
+            hparams = spec.resolve(item.get("hparams", {}), dialect=dialect)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"{w}: {exc}") from None
+        out.append({"name": name, "shapes": {k: tuple(v) for k, v in shapes.items()},
+                    "hparams": hparams, "dialect": dialect})
+    names = [c["name"] for c in out]
+    if len(set(names)) != len(names):
+        raise SpecError(f"{where}: case names repeat: {names}")
+    return tuple(out)
+
+
+@functools.cache
 def _all_specs() -> dict[str, Spec]:
     root = specs_dir()
     specs: dict[str, Spec] = {}

@@ -88,3 +88,20 @@ def expand_to(v: Any, ndim: int, axis: int) -> Any:
     shape = [1] * ndim
     shape[axis] = int(v.shape[0])
     return xp.reshape(v, tuple(shape))
+
+
+def running_average(
+    old: Any, batch: Any, count: Any, momentum: float | None, momentum_convention: str
+) -> Any:
+    """One step of a running statistic (BatchNorm, InstanceNorm with tracked stats).
+
+    ``new_weight`` (PyTorch): ``(1 - m) old + m batch``; ``old_weight`` (Flax, Keras, ONNX):
+    ``m old + (1 - m) batch``; ``momentum=None``: cumulative average, the new batch weighted
+    ``1 / count`` where ``count`` already includes it.
+    """
+    if momentum is None:
+        factor = 1.0 / count
+        return (1.0 - factor) * old + factor * batch
+    if momentum_convention == "new_weight":
+        return (1.0 - momentum) * old + momentum * batch
+    return momentum * old + (1.0 - momentum) * batch

@@ -38,6 +38,7 @@ from reference.normalizers._stats import (
     expand_to,
     other_axes,
     reduction_size,
+    running_average,
     standardize,
     standardize_vjp,
 )
@@ -72,24 +73,12 @@ def init_state(x: Any, *, axis: int = 1, track_running_stats: bool = True) -> di
     if not track_running_stats:
         return {}
     xp = namespace(x)
-    c = int(x.shape[normalize_axis(OP, "axis", axis, x.ndim)])
+    c = int(x.shape[_check(x, None, None, None, None, axis)])
     return {
         "running_mean": xp.zeros((c,), dtype=xp.float64),
         "running_var": xp.ones((c,), dtype=xp.float64),
         "num_batches_tracked": xp.asarray(0.0, dtype=xp.float64),
     }
-
-
-def _running_update(
-    old: Any, batch: Any, count: Any, momentum: float | None, momentum_convention: str
-) -> Any:
-    """One step of the running average (see the module docstring for the conventions)."""
-    if momentum is None:
-        factor = 1.0 / count  # cumulative moving average; count already includes this batch
-        return (1.0 - factor) * old + factor * batch
-    if momentum_convention == "new_weight":
-        return (1.0 - momentum) * old + momentum * batch
-    return momentum * old + (1.0 - momentum) * batch
 
 
 @oracle_function(OP)
@@ -140,9 +129,9 @@ def batch_norm(
             count = state["num_batches_tracked"] + 1.0
             bessel = n / max(n - running_var_correction, 1)
             state = {
-                "running_mean": _running_update(
+                "running_mean": running_average(
                     running_mean, xp.reshape(mean, (-1,)), count, momentum, momentum_convention),
-                "running_var": _running_update(
+                "running_var": running_average(
                     running_var, xp.reshape(var, (-1,)) * bessel, count, momentum,
                     momentum_convention),
                 "num_batches_tracked": count,

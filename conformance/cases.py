@@ -1,0 +1,114 @@
+"""Case generation: seeded default cases from the specs, and adversarial data families.
+
+Every case is deterministic: its random stream is seeded from ``(seed, op name, case name)``, so
+the same seed gives the same inputs on every machine and in every process.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ADVERSARIAL", "Case", "adversarial", "case_rng", "default_cases"]
+
+
+def case_rng(seed: int, *names: str) -> np.random.Generator:
+    """A generator seeded from ``seed`` and the names (stable across runs and platforms)."""
+    key = zlib.crc32("/".join(names).encode())
+    return np.random.default_rng([seed, key])
+
+
+@dataclass
+class Case:
+    """One evaluation of an op: inputs (float64 NumPy arrays), hyper-parameters, provenance."""
+
+    op: str
+    name: str
+    inputs: dict[str, np.ndarray]
+    hparams: dict[str, Any]
+    dialect: str | None = None
+    seed: int = 0
+    state: dict[str, np.ndarray] | None = None
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}/{self.name}/seed={self.seed}"
+
+    @property
+    def size(self) -> int:
+        return sum(int(v.size) for v in self.inputs.values())
+
+
+def _draw(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    # Scales (weights) drawn around 1 so no channel is switched off; everything else N(0, 1).
+    values = rng.standard_normal(shape)
+    if name in ("weight", "g", "scale", "gain"):
+        values = 1.0 + 0.5 * values
+    return values
+
+
+def default_cases(op_name: str, seed: int = 0) -> list[Case]:
+    """The ``[[cases]]`` of the op's spec, with standard-normal inputs."""
+    import reference
+
+    spec = reference.get(op_name).spec
+    cases = []
+    for c in spec.cases:
+        rng = case_rng(seed, op_name, c["name"])
+        inputs = {k: _draw(rng, k, shape) for k, shape in c["shapes"].items()}
+        cases.append(Case(op_name, c["name"], inputs, dict(c["hparams"]), c["dialect"], seed))
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# Adversarial families.  Each maps (rng, shape) to float64 data aimed at one failure mode.
+# --------------------------------------------------------------------------------------------
+
+
+def _offset(mean: float, std: float) -> Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]:
+    def make(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        return mean + std * rng.standard_normal(shape)
+
+    return make
+
+
+def _constant(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return np.full(shape, 3.25) + 0.0 * rng.standard_normal(shape)
+
+
+def _scaled(scale: float) -> Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]:
+    def make(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        return scale * rng.standard_normal(shape)
+
+    return make
+
+
+def _mixed_scales(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    # Magnitudes spread over 12 decades inside one reduction: sums lose the small terms first.
+    return rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 6, size=shape)
+
+
+ADVERSARIAL: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]] = {
+    # |mean|/std = 1e11: the cancellation condition number that breaks E[x^2] - E[x]^2 and
+    # even a plain two-pass mean (its rounding error u|mean| is 1e-5 of the spread).
+    "offset_1e8_std_1e-3": _offset(1e8, 1e-3),
+    "offset_1e4_std_1e-2": _offset(1e4, 1e-2),
+    # Zero variance: x_hat must be exactly 0 (y = beta), not NaN and not noise / sqrt(eps).
+    "constant": _constant,
+    # Squares near 1e300 / 1e-300: still finite in float64; overflow/underflow if done carelessly.
+    "huge_1e150": _scaled(1e150),
+    "tiny_1e-150": _scaled(1e-150),
+    "mixed_scales": _mixed_scales,
+}
+
+
+def adversarial(family: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Float64 data of ``shape`` from one adversarial ``family`` (see ``ADVERSARIAL``)."""
+    if family not in ADVERSARIAL:
+        raise ValueError(f"unknown adversarial family {family!r}; known: {sorted(ADVERSARIAL)}")
+    return ADVERSARIAL[family](case_rng(seed, "adversarial", family), tuple(shape))

@@ -1,0 +1,26 @@
+"""Test configuration: hypothesis profiles.
+
+``ci`` (the default) is fast and derandomized so CI is reproducible; ``thorough`` is for local runs:
+``HYPOTHESIS_PROFILE=thorough pytest``.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=20,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=400,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

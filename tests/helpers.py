@@ -1,0 +1,136 @@
+"""Shared test machinery: VJP checks for registry ops, mpmath references, torch access.
+
+Every op's tests reuse these instead of writing their own loops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import reference
+from conformance import check_hvp, check_vjp
+
+# ------------------------------------------------------------------------------------------
+# VJPs of registry ops against finite differences
+# ------------------------------------------------------------------------------------------
+
+
+def op_functions(op_name: str, state: dict | None, hparams: dict[str, Any]):
+    """``(f, vjp)`` over a dict of inputs, in the form conformance.gradcheck expects."""
+    op = reference.get(op_name)
+
+    def f(inputs):
+        outputs, _ = op.apply(inputs, state, **hparams)
+        return {k: outputs[k] for k in sorted(outputs)}
+
+    def vjp(inputs, cotangent):
+        return op.vjp(inputs, state, cotangent, **hparams)
+
+    return f, vjp
+
+
+def assert_vjp(
+    op_name: str,
+    inputs: dict[str, np.ndarray],
+    state: dict | None = None,
+    *,
+    rtol: float = 1e-8,
+    second_order: bool = False,
+    **hparams: Any,
+):
+    """The op's VJP for every differentiable input passes check_vjp at ``rtol`` (float64).
+
+    ``second_order`` also checks that the VJP is a gradient field (symmetric FD Hessian).
+    """
+    op = reference.get(op_name)
+    wrt = [k for k in op.spec.differentiable if inputs.get(k) is not None]
+    f, vjp = op_functions(op_name, state, hparams)
+
+    def vjp_full(x, u):
+        grads = vjp(x, u)
+        return {k: grads.get(k, np.zeros_like(v)) for k, v in x.items()}
+
+    result = check_vjp(f, vjp_full, inputs, wrt=wrt, rtol=rtol, directions=3)
+    assert result.max_relative_error <= rtol
+    if second_order:
+        rng = np.random.default_rng(1)
+        u = {k: rng.standard_normal(np.shape(v)) for k, v in f(inputs).items()}
+        check_hvp(lambda x: vjp_full(x, u), inputs, wrt=wrt, rtol=1e-6)
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# mpmath references: object arrays of mpf, so the reference reads like NumPy
+# ------------------------------------------------------------------------------------------
+
+MP_DPS = 50
+
+
+def mp():
+    import mpmath
+
+    mpmath.mp.dps = MP_DPS
+    return mpmath
+
+
+def mp_array(x: np.ndarray) -> np.ndarray:
+    """Exact conversion of float64 values to mpf (object array)."""
+    mpmath = mp()
+    return np.vectorize(lambda v: mpmath.mpf(float(v)), otypes=[object])(np.asarray(x, dtype=np.float64))
+
+
+def mp_mean(a: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    n = int(np.prod([a.shape[i] for i in axes]))
+    return np.sum(a, axis=axes, keepdims=True) / n
+
+
+def mp_var(a: np.ndarray, axes: tuple[int, ...], correction: int = 0) -> np.ndarray:
+    n = int(np.prod([a.shape[i] for i in axes]))
+    c = a - mp_mean(a, axes)
+    return np.sum(c * c, axis=axes, keepdims=True) / (n - correction)
+
+
+def mp_sqrt(a: np.ndarray) -> np.ndarray:
+    mpmath = mp()
+    return np.vectorize(mpmath.sqrt, otypes=[object])(a)
+
+
+def mp_to_float(a: np.ndarray) -> np.ndarray:
+    return np.vectorize(float, otypes=[np.float64])(a)
+
+
+def relative_error(approx: np.ndarray, exact_mp: np.ndarray) -> float:
+    """max |approx - exact| / max |exact| (inf-norm relative error), evaluated in mpmath."""
+    mpmath = mp()
+    diff = np.abs(mp_array(approx) - exact_mp)
+    scale = max(np.abs(exact_mp).ravel(), default=mpmath.mpf(0))
+    worst = max(diff.ravel(), default=mpmath.mpf(0))
+    if scale == 0:
+        return float(worst)
+    return float(worst / scale)
+
+
+# ------------------------------------------------------------------------------------------
+# PyTorch
+# ------------------------------------------------------------------------------------------
+
+
+def torch_or_skip():
+    """The torch module (float64 tests), or skip the test when torch is not installed."""
+    return pytest.importorskip("torch")
+
+
+def t64(x: np.ndarray, requires_grad: bool = False):
+    torch = torch_or_skip()
+    return torch.tensor(np.asarray(x, dtype=np.float64), dtype=torch.float64, requires_grad=requires_grad)
+
+
+def torch_vjp(outputs, inputs: dict, cotangent: np.ndarray) -> dict[str, np.ndarray]:
+    """Gradients of <cotangent, outputs> w.r.t. the given torch leaf tensors, as NumPy."""
+    torch = torch_or_skip()
+    names = [k for k, v in inputs.items() if v is not None and v.requires_grad]
+    grads = torch.autograd.grad(outputs, [inputs[k] for k in names], t64(cotangent))
+    return {k: g.detach().numpy() for k, g in zip(names, grads, strict=True)}
