@@ -376,7 +376,7 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
         for key, value in raw.items():
             if key not in hparams:
                 raise SpecError(f"{w}: unknown hyper-parameter {key!r}")
-            value = None if hparams[key].nullable and value == NONE_SENTINEL else value
+            value = _unsentinel(hparams[key], value)
             try:
                 values[key] = hparams[key].check(name, value)
             except (TypeError, ValueError) as exc:
@@ -389,6 +389,11 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
         }
     spec = Spec(**{**spec.__dict__, "cases": _cases(data, spec, where)})
     return spec
+
+
+def _unsentinel(param: HParam | None, value: Any) -> Any:
+    """TOML has no null: the string "None" means None for a nullable hyper-parameter."""
+    return None if param is not None and param.nullable and value == NONE_SENTINEL else value
 
 
 def _cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, Any], ...]:
@@ -414,8 +419,9 @@ def _cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, A
         dialect = item.get("dialect")
         if dialect is not None and dialect not in spec.dialects:
             raise SpecError(f"{w}: unknown dialect {dialect!r}")
+        raw = {k: _unsentinel(spec.hparams.get(k), v) for k, v in item.get("hparams", {}).items()}
         try:
-            hparams = spec.resolve(item.get("hparams", {}), dialect=dialect)
+            hparams = spec.resolve(raw, dialect=dialect)
         except (TypeError, ValueError) as exc:
             raise SpecError(f"{w}: {exc}") from None
         out.append({"name": name, "shapes": {k: tuple(v) for k, v in shapes.items()},
