@@ -79,10 +79,10 @@ def as_float64(value: Any, name: str, *, op: str = "", xp: Any = None) -> tuple[
             value = value.astype(np.float64)
     xp = namespace(value)
     dtype = value.dtype
+    if getattr(dtype, "name", "") == "bfloat16":
+        # bfloat16 (ml_dtypes) is not an array-API dtype in NumPy: convert through NumPy.
+        return xp.asarray(np.asarray(value).astype(np.float64)), "bfloat16"
     if not xp.isdtype(dtype, "real floating"):
-        # bfloat16 from ml_dtypes is not an array-API dtype in NumPy; accept it explicitly.
-        if getattr(dtype, "name", "") == "bfloat16":
-            return xp.asarray(np.asarray(value).astype(np.float64)), "bfloat16"
         raise TypeError(
             f"{where}{name} must have a real floating dtype (float16/bfloat16/float32/float64), "
             f"got {_dtype_name(xp, dtype)}"
