@@ -40,7 +40,6 @@ from reference.normalizers._stats import (
     reduction_size,
     running_average,
     standardize,
-    standardize_vjp,
 )
 from reference.registry import oracle_function, oracle_vjp
 
@@ -172,19 +171,26 @@ def batch_norm_vjp(
     axis = _check(x, weight, bias, running_mean, running_var, axis)
     check_shape(OP, "dy", dy, tuple(x.shape), "the cotangent of y has the shape of x")
     R = other_axes(x.ndim, axis)
-    h = dy if weight is None else dy * expand_to(weight, x.ndim, axis)
+    gamma = 1.0 if weight is None else expand_to(weight, x.ndim, axis)
     if _uses_batch_stats(training, track_running_stats):
-        if training and reduction_size(x, R) == 1 and single_value == "raise":
+        n = reduction_size(x, R)
+        if training and n == 1 and single_value == "raise":
             fail(OP, "expected more than 1 value per channel when training")
         x_hat, inv_std, _, _ = standardize(x, R, eps)
-        dx = standardize_vjp(h, x_hat, inv_std, R)
+        dbeta = xp.sum(dy, axis=R, keepdims=True)
+        dgamma = xp.sum(dy * x_hat, axis=R, keepdims=True)
+        # VJP-STD with h = gamma * dy.  gamma is constant over R, so mean_R(h) = gamma dbeta / n
+        # and mean_R(h x_hat) = gamma dgamma / n: the paper's backward (Sec. 3) in one line.
+        dx = (gamma * inv_std) * (dy - dbeta / n - x_hat * (dgamma / n))
     else:
         inv_std = 1.0 / xp.sqrt(expand_to(running_var, x.ndim, axis) + eps)
         x_hat = (x - expand_to(running_mean, x.ndim, axis)) * inv_std
-        dx = h * inv_std
+        dx = dy * (gamma * inv_std)
+        dbeta = xp.sum(dy, axis=R, keepdims=True)
+        dgamma = xp.sum(dy * x_hat, axis=R, keepdims=True)
     grads = {"x": dx}
     if weight is not None:
-        grads["weight"] = xp.sum(dy * x_hat, axis=R)
+        grads["weight"] = xp.reshape(dgamma, (-1,))
     if bias is not None:
-        grads["bias"] = xp.sum(dy, axis=R)
+        grads["bias"] = xp.reshape(dbeta, (-1,))
     return grads
