@@ -82,12 +82,25 @@ def other_axes(ndim: int, keep: tuple[int, ...] | int) -> tuple[int, ...]:
     return tuple(a for a in range(ndim) if a not in keep)
 
 
-def expand_to(v: Any, ndim: int, axis: int) -> Any:
-    """Reshape a 1-D per-channel vector so it broadcasts along ``axis`` of an ``ndim`` array."""
+def expand_to(v: Any, ndim: int, axes: int | tuple[int, ...]) -> Any:
+    """Reshape a parameter laid out along ``axes`` of an ``ndim`` array so it broadcasts there.
+
+    A per-channel vector (``axes`` an int) or a tensor of the normalized shape (a tuple, in
+    increasing axis order) gets size 1 on every other axis.
+    """
     xp = namespace(v)
+    axes = (axes,) if isinstance(axes, int) else axes
     shape = [1] * ndim
-    shape[axis] = int(v.shape[0])
+    for a, size in zip(axes, v.shape, strict=True):
+        shape[a] = int(size)
     return xp.reshape(v, tuple(shape))
+
+
+def sum_over(v: Any, axes: tuple[int, ...]) -> Any:
+    """Sum over ``axes``; no reduction at all when there are none (e.g. x is a single row)."""
+    if not axes:
+        return v
+    return namespace(v).sum(v, axis=axes)
 
 
 def running_average(

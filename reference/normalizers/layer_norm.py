@@ -37,9 +37,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
 from reference._common import check_ndim, check_nonempty, check_shape, normalize_axes
-from reference.normalizers._stats import other_axes, standardize, standardize_vjp
+from reference.normalizers._stats import expand_to, other_axes, standardize, standardize_vjp, sum_over
 from reference.registry import oracle_function, oracle_vjp
 
 OP = "layer_norm"
@@ -56,22 +55,6 @@ def _check(x: Any, weight: Any, bias: Any, axes: tuple[int, ...]) -> tuple[int, 
     return axes
 
 
-def _broadcastable(v: Any, ndim: int, axes: tuple[int, ...]) -> Any:
-    """Reshape a parameter of the normalized shape so it broadcasts against x (1 elsewhere)."""
-    xp = namespace(v)
-    shape = [1] * ndim
-    for a, size in zip(axes, v.shape, strict=True):
-        shape[a] = int(size)
-    return xp.reshape(v, tuple(shape))
-
-
-def _sum_over(v: Any, axes: tuple[int, ...]) -> Any:
-    """Sum over ``axes`` (no reduction at all when there are none: x is a single row)."""
-    if not axes:
-        return v
-    return namespace(v).sum(v, axis=axes)
-
-
 @oracle_function(OP)
 def layer_norm(
     x: Any,
@@ -86,9 +69,9 @@ def layer_norm(
     x_hat, _, _, _ = standardize(x, axes, eps)  # Eq. 3 and the normalization of Eq. 4
     y = x_hat
     if weight is not None:
-        y = y * _broadcastable(weight, x.ndim, axes)
+        y = y * expand_to(weight, x.ndim, axes)
     if bias is not None:
-        y = y + _broadcastable(bias, x.ndim, axes)
+        y = y + expand_to(bias, x.ndim, axes)
     return y
 
 
@@ -107,11 +90,11 @@ def layer_norm_vjp(
     check_shape(OP, "dy", dy, tuple(x.shape), "the cotangent of y has the shape of x")
     x_hat, inv_std, _, _ = standardize(x, axes, eps)
     # h = dL/dx_hat: the gain multiplies elementwise before the row reductions of VJP-STD.
-    h = dy if weight is None else dy * _broadcastable(weight, x.ndim, axes)
+    h = dy if weight is None else dy * expand_to(weight, x.ndim, axes)
     grads = {"x": standardize_vjp(h, x_hat, inv_std, axes)}
     shared = other_axes(x.ndim, axes)  # g and b are reused by every row: their grads sum there
     if weight is not None:
-        grads["weight"] = _sum_over(dy * x_hat, shared)
+        grads["weight"] = sum_over(dy * x_hat, shared)
     if bias is not None:
-        grads["bias"] = _sum_over(dy, shared)
+        grads["bias"] = sum_over(dy, shared)
     return grads

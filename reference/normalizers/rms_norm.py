@@ -59,7 +59,7 @@ from typing import Any
 
 from reference._backend import namespace
 from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axes
-from reference.normalizers._stats import other_axes, reduction_size
+from reference.normalizers._stats import expand_to, other_axes, reduction_size, sum_over
 from reference.registry import oracle_function, oracle_vjp
 
 OP = "rms_norm"
@@ -110,15 +110,7 @@ def _gain(weight: Any, weight_offset: float, ndim: int, axes: tuple[int, ...]) -
     """``weight_offset + weight`` shaped to broadcast against x, or None without a weight."""
     if weight is None:
         return None
-    return weight_offset + _broadcastable(weight, ndim, axes)
-
-
-def _broadcastable(v: Any, ndim: int, axes: tuple[int, ...]) -> Any:
-    xp = namespace(v)
-    shape = [1] * ndim
-    for a, size in zip(axes, v.shape, strict=True):
-        shape[a] = int(size)
-    return xp.reshape(v, tuple(shape))
+    return weight_offset + expand_to(weight, ndim, axes)
 
 
 def _normalize(x: Any, axes: tuple[int, ...], k: int, eps: float, eps_placement: str):
@@ -131,12 +123,6 @@ def _normalize(x: Any, axes: tuple[int, ...], k: int, eps: float, eps_placement:
     rms = xp.sqrt(ms)
     inv_r = 1.0 / (rms + eps)  # 1 / (RMS(x) + eps), rmsnorm_torch.py
     return x * inv_r, inv_r, rms
-
-
-def _sum_over(v: Any, axes: tuple[int, ...]) -> Any:
-    if not axes:
-        return v
-    return namespace(v).sum(v, axis=axes)
 
 
 @oracle_function(OP)
@@ -159,7 +145,7 @@ def rms_norm(
     if gain is not None:
         y = y * gain
     if bias is not None:
-        y = y + _broadcastable(bias, x.ndim, axes)
+        y = y + expand_to(bias, x.ndim, axes)
     return y
 
 
@@ -196,7 +182,7 @@ def rms_norm_vjp(
     grads = {"x": inv_r * (h - through_stat * coupling)}
     shared = other_axes(x.ndim, axes)
     if weight is not None:
-        grads["weight"] = _sum_over(dy * x_hat, shared)
+        grads["weight"] = sum_over(dy * x_hat, shared)
     if bias is not None:
-        grads["bias"] = _sum_over(dy, shared)
+        grads["bias"] = sum_over(dy, shared)
     return grads
