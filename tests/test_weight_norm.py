@@ -1,0 +1,329 @@
+"""WeightNorm: forward vs mpmath on adversarial v, properties, inits, torch and Flax/TF formulas, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import mp, mp_array, mp_sqrt, relative_error, t64, torch_or_skip, torch_vjp
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference
+from conformance.cases import ADVERSARIAL, adversarial
+from reference.normalizers.weight_norm import data_dependent_init, init_g, weight_norm
+
+OP = reference.get("weight_norm")
+RNG = np.random.default_rng(20260102)
+
+
+def _keep(v, dim):
+    """Axes reduced by the norm and g's keepdims shape (written independently of the oracle)."""
+    if dim is None:
+        return tuple(range(v.ndim)), (1,) * v.ndim
+    d = dim % v.ndim
+    shape = [1] * v.ndim
+    shape[d] = v.shape[d]
+    return tuple(a for a in range(v.ndim) if a != d), tuple(shape)
+
+
+def mp_weight_norm(v, g, dim, eps=0.0, eps_mode="add"):
+    """Eq. 2 at 50 digits: g * v / sqrt(sum v^2 + eps) (or max(sum v^2, eps))."""
+    mpmath = mp()
+    axes, _ = _keep(v, dim)
+    V = mp_array(v)
+    sq = np.sum(V * V, axis=axes, keepdims=True)
+    e = mpmath.mpf(float(eps))
+    if eps_mode == "add":
+        s = mp_sqrt(sq + e)
+    else:
+        s = mp_sqrt(np.vectorize(lambda a: max(a, e), otypes=[object])(sq))
+    return mp_array(g) * V / s
+
+
+# --- forward accuracy -------------------------------------------------------------------------
+
+
+def _eps_for(v, axes, kind):
+    # "comparable": eps = half the mean squared slice norm, so eps changes w by O(1) and its
+    # placement is tested at 1e-10; representable for every family (1e-300 .. 1e301).
+    if kind == "zero":
+        return 0.0
+    return 0.5 * float(np.mean(np.sum(v * v, axis=axes)))
+
+
+@pytest.mark.parametrize("dim", [0, -1, None])
+@pytest.mark.parametrize(("eps_kind", "eps_mode"), [("zero", "add"), ("comparable", "add"),
+                                                    ("comparable", "max")])
+@pytest.mark.parametrize("family", sorted(ADVERSARIAL))
+def test_forward_matches_mpmath_on_adversarial_v(family, eps_kind, eps_mode, dim):
+    v = adversarial(family, (4, 3, 5))
+    axes, g_shape = _keep(v, dim)
+    g = 1 + 0.5 * RNG.standard_normal(g_shape)
+    eps = _eps_for(v, axes, eps_kind)
+    w = OP.apply({"v": v, "g": g}, None, dim=dim, eps=eps, eps_mode=eps_mode)[0]["w"]
+    err = relative_error(w, mp_weight_norm(v, g, dim, eps, eps_mode))
+    assert err <= 1e-10, f"{family}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300])
+def test_scaled_norm_reaches_beyond_the_sum_of_squares_range(scale):
+    """|v| = 1e±200: sum v^2 overflows (or goes subnormal) in float64; the scaled norm does not."""
+    v = scale * RNG.standard_normal((3, 6))
+    g = 1 + 0.5 * RNG.standard_normal((3, 1))
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        naive = g * v / np.sqrt(np.sum(v * v, axis=1, keepdims=True))
+    assert not np.all(np.isfinite(naive)) or relative_error(
+        naive, mp_weight_norm(v, g, 0)) > 1e-10, "the test would have no teeth"
+    w = weight_norm(v, g, dim=0)
+    assert relative_error(w, mp_weight_norm(v, g, 0)) <= 1e-10
+
+
+def test_rank_one_v_with_dim_zero_is_g_times_sign():
+    """Every element is its own slice (as in torch and Flax): w = g * sign(v)."""
+    v, g = np.array([3.0, -4.0, 1e-300, -1e300]), np.array([2.0, 0.5, -1.0, 3.0])
+    np.testing.assert_array_equal(weight_norm(v, g, dim=0), g * np.sign(v))
+
+
+def test_constant_v_and_eps_dominated_slices():
+    v = adversarial("constant", (2, 9))
+    w = weight_norm(v, np.ones((2, 1)), dim=0)
+    np.testing.assert_allclose(w, np.full((2, 9), 1 / 3), rtol=2e-16)
+    # A zero slice with eps > 0 gives w = 0 and the finite gradient g G / sqrt(eps).
+    v = np.zeros((2, 4))
+    v[1] = RNG.standard_normal(4)
+    for mode in ("add", "max"):
+        out = weight_norm(v, np.full((2, 1), 2.0), dim=0, eps=1e-12, eps_mode=mode)
+        np.testing.assert_array_equal(out[0], 0.0)
+        G = RNG.standard_normal((2, 4))
+        dv = OP.vjp({"v": v, "g": np.full((2, 1), 2.0)}, None, {"w": G}, eps=1e-12,
+                    eps_mode=mode)["v"]
+        np.testing.assert_allclose(dv[0], 2.0 * G[0] / 1e-6, rtol=1e-15)
+
+
+# --- properties -------------------------------------------------------------------------------
+
+shapes = st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 4))
+dims = st.sampled_from([0, 1, 2, -1, None])
+
+# Tolerances: w = g * v / ||v|| rounds once per element and the norm sums n <= 80 squares, so its
+# relative error is below (n/2 + 4) u < 1e-14; 1e-13 relative leaves a margin without hiding a
+# missing or wrong factor (which errs by O(1)).
+
+
+@given(shape=shapes, dim=dims, seed=st.integers(0, 2**32 - 1), log_a=st.floats(-6, 6))
+def test_invariant_to_positive_scaling_of_v(shape, dim, seed, log_a):
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(shape)
+    g = rng.standard_normal(_keep(v, dim)[1])
+    a = 10.0 ** log_a
+    w1, w2 = weight_norm(v, g, dim=dim), weight_norm(a * v, g, dim=dim)
+    np.testing.assert_allclose(w2, w1, rtol=1e-13, atol=1e-13 * np.max(np.abs(g)))
+
+
+@given(shape=shapes, dim=dims, seed=st.integers(0, 2**32 - 1))
+def test_slice_norm_of_w_is_abs_g(shape, dim, seed):
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 3)
+    axes, g_shape = _keep(v, dim)
+    g = rng.standard_normal(g_shape)
+    w = weight_norm(v, g, dim=dim)
+    np.testing.assert_allclose(np.sqrt(np.sum(w * w, axis=axes, keepdims=True)), np.abs(g),
+                               rtol=1e-13)
+
+
+@given(shape=shapes, dim=dims, seed=st.integers(0, 2**32 - 1), eps=st.sampled_from([0.0, 0.3]))
+def test_grad_v_is_orthogonal_to_v(shape, dim, seed, eps):
+    """<dv, v> = 0 per slice (Eq. 4, eps = 0); with eps, <dv, v> = g dg eps / s^2 exactly."""
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(shape)
+    axes, g_shape = _keep(v, dim)
+    g, G = rng.standard_normal(g_shape), rng.standard_normal(shape)
+    grads = OP.vjp({"v": v, "g": g}, None, {"w": G}, dim=dim, eps=eps)
+    inner = np.sum(grads["v"] * v, axis=axes, keepdims=True)
+    s2 = np.sum(v * v, axis=axes, keepdims=True) + eps
+    expected = g * grads["g"] * eps / s2
+    # Scale of the cancelling terms: |g| ||G|| (each of <g G/s, v> and its projection).
+    scale = np.abs(g) * np.sqrt(np.sum(G * G, axis=axes, keepdims=True))
+    np.testing.assert_allclose(inner, expected, rtol=1e-12, atol=1e-13 * np.max(scale))
+    # dg = <G, v> / s (Eq. 3)
+    np.testing.assert_allclose(grads["g"], np.sum(G * v, axis=axes, keepdims=True) / np.sqrt(s2),
+                               rtol=1e-12, atol=1e-13 * np.max(scale))
+
+
+@given(shape=shapes, dim=dims, seed=st.integers(0, 2**32 - 1))
+def test_torch_init_g_reproduces_v_and_flax_init_gives_unit_slices(shape, dim, seed):
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(shape)
+    g = init_g(v, dim=dim, mode="norm")
+    assert g.shape == (() if dim is None else _keep(v, dim)[1])
+    np.testing.assert_allclose(weight_norm(v, g, dim=dim), v, rtol=1e-14, atol=1e-15)
+    ones = init_g(v, dim=dim, mode="ones")
+    np.testing.assert_array_equal(ones, np.ones_like(g))
+    np.testing.assert_allclose(weight_norm(v, ones, dim=dim), weight_norm(v, dim=dim), rtol=0)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+@given(seed=st.integers(0, 2**32 - 1), init_scale=st.sampled_from([1.0, 0.1]))
+def test_data_dependent_init_standardizes_preactivations(dim, seed, init_scale):
+    """Sec. 3: with g = s/sigma(t), b = -mu(t) s/sigma(t), y = g t + b has mean 0, std s per unit."""
+    rng = np.random.default_rng(seed)
+    n_in, n_out = 4, 3
+    v = rng.standard_normal((n_out, n_in) if dim == 0 else (n_in, n_out))
+    x = rng.standard_normal((16, n_in)) + 2.0
+    g, b = data_dependent_init(v, x, dim=dim, init_scale=init_scale)
+    assert g.shape == ((n_out, 1) if dim == 0 else (1, n_out)) and b.shape == (n_out,)
+    W = weight_norm(v, g, dim=dim)
+    y = x @ (W.T if dim == 0 else W) + b
+    np.testing.assert_allclose(y.mean(axis=0), 0, atol=1e-13)
+    np.testing.assert_allclose(y.std(axis=0), init_scale, rtol=1e-12)
+    # eps inside the root (PixelCNN++ 1e-10, Keras 1e-10): sigma = sqrt(var + eps).
+    t = x @ ((v / np.linalg.norm(v, axis=1, keepdims=True)).T if dim == 0
+             else v / np.linalg.norm(v, axis=0, keepdims=True))
+    g_eps, _ = data_dependent_init(v, x, dim=dim, eps=0.25)
+    np.testing.assert_allclose(np.ravel(g_eps), 1 / np.sqrt(t.var(axis=0) + 0.25), rtol=1e-13)
+
+
+# --- PyTorch cross-checks (float64) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "torch_dim", "dim"), [
+    ((4, 5), 0, 0), ((3, 2, 3, 3), 0, 0), ((3, 2, 3, 3), 1, 1), ((2, 3, 4), 2, -1),
+    ((2, 3, 4), -1, None), ((5,), 0, 0),
+])
+def test_matches_torch_weight_norm_interface(shape, torch_dim, dim):
+    """torch._weight_norm(v, g, dim): outputs and autograd gradients; torch's -1 = our None."""
+    torch = torch_or_skip()
+    v = RNG.standard_normal(shape)
+    g_shape = () if dim is None else _keep(v, dim)[1]
+    g = 1 + 0.5 * RNG.standard_normal(g_shape)
+    tv, tg = t64(v, True), t64(g, True)
+    tw = torch._weight_norm(tv, tg, torch_dim)
+    hp = OP.dialect("torch") | {"dim": dim}
+    w = OP.apply({"v": v, "g": g}, None, **hp)[0]["w"]
+    np.testing.assert_allclose(w, tw.detach().numpy(), rtol=1e-14, atol=1e-15)
+    G = RNG.standard_normal(shape)
+    expected = torch_vjp(tw, {"v": tv, "g": tg}, G)
+    grads = OP.vjp({"v": v, "g": g}, None, {"w": G}, **hp)
+    for key in ("v", "g"):
+        np.testing.assert_allclose(grads[key], expected[key], rtol=1e-12, atol=1e-14, err_msg=key)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d", "conv2d_dim1", "linear_dim_none"])
+def test_matches_torch_parametrizations_weight_norm_module(layer):
+    """nn.utils.parametrizations.weight_norm: registration (w == v), then gradients w.r.t.
+    original0 (g) and original1 (v) after both were moved away from their initial values."""
+    torch = torch_or_skip()
+    torch.manual_seed(0)
+    nn = torch.nn
+    module, dim, torch_dim = {
+        "linear": (nn.Linear(5, 3), 0, 0),
+        "conv2d": (nn.Conv2d(2, 4, 3), 0, 0),
+        "conv2d_dim1": (nn.Conv2d(2, 4, 3), 1, 1),
+        "linear_dim_none": (nn.Linear(5, 3), None, None),
+    }[layer]
+    module = module.double()
+    w0 = module.weight.detach().numpy().copy()
+    nn.utils.parametrizations.weight_norm(module, dim=torch_dim)
+    params = module.parametrizations.weight
+    g0, v0 = params.original0.detach().numpy(), params.original1.detach().numpy()
+    np.testing.assert_allclose(g0, init_g(w0, dim=dim), rtol=1e-14)
+    np.testing.assert_allclose(v0, w0, rtol=0)
+    hp = OP.dialect("torch") | {"dim": dim}
+    np.testing.assert_allclose(OP.apply({"v": v0, "g": g0}, None, **hp)[0]["w"], w0, rtol=1e-14,
+                               atol=1e-16)
+    with torch.no_grad():
+        params.original0.mul_(1.5).add_(0.1)
+        params.original1.add_(0.3 * torch.randn_like(params.original1))
+    g, v = params.original0.detach().numpy().copy(), params.original1.detach().numpy().copy()
+    weight = module.weight
+    G = RNG.standard_normal(weight.shape)
+    tg, tv = torch.autograd.grad(weight, [params.original0, params.original1], t64(G))
+    np.testing.assert_allclose(OP.apply({"v": v, "g": g}, None, **hp)[0]["w"],
+                               weight.detach().numpy(), rtol=1e-14, atol=1e-16)
+    grads = OP.vjp({"v": v, "g": g}, None, {"w": G}, **hp)
+    np.testing.assert_allclose(grads["g"], tg.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(grads["v"], tv.numpy(), rtol=1e-12, atol=1e-14)
+
+
+# --- Flax and TF formulas, written in JAX (float64) ---------------------------------------------
+
+
+@pytest.mark.parametrize(("dialect", "eps"), [("flax", None), ("flax", 0.7),
+                                              ("openai_tf_conv", None), ("openai_tf_conv", 50.0)])
+def test_matches_flax_and_tf_l2_normalize_formulas_in_jax(dialect, eps):
+    """Flax WeightNorm (v * rsqrt(sum v^2 + eps) * scale) and tf.nn.l2_normalize
+    (v * rsqrt(max(sum v^2, eps))) on an HWIO kernel, outputs and jax.vjp gradients.
+    eps = 50 puts some slices of this kernel (16 entries each) on the clamp's constant branch."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    hp = OP.dialect(dialect)
+    if eps is not None:
+        hp["eps"] = eps
+    v = RNG.standard_normal((2, 2, 4, 5))
+    v[..., 0] *= 0.1    # a small slice: clamped when eps = 50
+    scale = 1 + 0.5 * RNG.standard_normal(5)
+    G = RNG.standard_normal(v.shape)
+
+    def reference_formula(v, scale):
+        sq = jnp.sum(v * v, axis=(0, 1, 2), keepdims=True)
+        den = sq + hp["eps"] if hp["eps_mode"] == "add" else jnp.maximum(sq, hp["eps"])
+        return v * jax.lax.rsqrt(den) * scale.reshape(1, 1, 1, -1)
+
+    with jax.enable_x64(True):
+        out, pullback = jax.vjp(reference_formula, jnp.asarray(v), jnp.asarray(scale))
+        dv, dscale = (np.asarray(a) for a in pullback(jnp.asarray(G)))
+        out = np.asarray(out)
+    g = scale.reshape(1, 1, 1, -1)
+    np.testing.assert_allclose(OP.apply({"v": v, "g": g}, None, **hp)[0]["w"], out, rtol=1e-14)
+    grads = OP.vjp({"v": v, "g": g}, None, {"w": G}, **hp)
+    np.testing.assert_allclose(grads["v"], dv, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.ravel(grads["g"]), dscale, rtol=1e-12, atol=1e-14)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("inputs", "hparams", "exc", "pattern"),
+    [
+        ({"v": np.float64(2.0)}, {}, ValueError, r"weight_norm: v must have >= 1 dimensions, got 0"),
+        ({"v": np.ones((3, 4)), "g": np.ones((3,))}, {}, ValueError,
+         r"weight_norm: g must have shape \(3, 1\) \(v's shape with every axis but dim set to 1"),
+        ({"v": np.ones((3, 4)), "g": np.ones((1, 4))}, {}, ValueError, r"g must have shape \(3, 1\)"),
+        ({"v": np.ones((3, 4)), "g": np.ones((1, 2))}, {"dim": None}, ValueError,
+         r"g must have shape \(1, 1\) .*\(or \(\)\)"),
+        ({"v": np.ones((0, 4))}, {}, ValueError, r"v must not be empty, got shape \(0, 4\)"),
+        ({"v": np.ones((3, 4))}, {"dim": 2}, ValueError, r"dim=2 is out of range"),
+        ({"v": np.ones((3, 4))}, {"eps": -1e-3}, ValueError, r"'eps' must be float >= 0.0, got -0.001"),
+        ({"v": np.ones((3, 4))}, {"eps_mode": "clamp"}, ValueError, r"'eps_mode' must be str one of"),
+        ({"v": np.ones((3, 4), dtype=np.int32)}, {}, TypeError, r"v must have a real floating dtype"),
+        ({"v": np.array([[1.0, 2.0], [0.0, 0.0]])}, {}, ValueError,
+         r"weight_norm: v has a slice that is all zeros.*use eps > 0"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(inputs, hparams, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        OP.apply(inputs, None, **hparams)
+
+
+def test_bad_init_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="init_g: mode must be 'norm' or 'ones', got 'zeros'"):
+        init_g(np.ones((2, 3)), mode="zeros")
+    with pytest.raises(ValueError, match=r"x has 4 features on its last axis but v has 3 inputs "
+                                         r"on axis 1 \(dim=0 is the output axis\)"):
+        data_dependent_init(np.ones((2, 3)), np.ones((5, 4)), dim=0)
+    with pytest.raises(ValueError, match=r"v must have 2 dimensions, got 3"):
+        data_dependent_init(np.ones((2, 3, 3)), np.ones((5, 3)))
+    with pytest.raises(ValueError, match=r"pre-activation is constant on this batch"):
+        data_dependent_init(np.eye(3), np.ones((4, 3)))
+
+
+def test_clamp_tie_takes_the_norm_branch_like_tf_maximum_grad():
+    """eps_mode="max" at sum v^2 == eps exactly: TF's Maximum gradient (greater_equal) routes it
+    through the norm, so the gradient equals the eps = 0 one (projection term included)."""
+    v, g, G = np.array([[3.0, 4.0]]), np.array([[1.5]]), np.array([[0.7, -0.2]])
+    tie = OP.vjp({"v": v, "g": g}, None, {"w": G}, eps=25.0, eps_mode="max")
+    free = OP.vjp({"v": v, "g": g}, None, {"w": G}, eps=0.0)
+    clamped = OP.vjp({"v": v, "g": g}, None, {"w": G}, eps=25.0 * (1 + 1e-12), eps_mode="max")
+    np.testing.assert_allclose(tie["v"], free["v"], rtol=1e-15)
+    assert np.max(np.abs(clamped["v"] - free["v"])) > 0.05  # the projection term, 0.0624
