@@ -424,8 +424,12 @@ def _cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, A
             hparams = spec.resolve(raw, dialect=dialect)
         except (TypeError, ValueError) as exc:
             raise SpecError(f"{w}: {exc}") from None
+        # ``overrides``: what the case itself asks for (its dialect's values, then its own), so a
+        # harness can overlay them on a framework's conventions; ``hparams``: fully resolved.
+        overrides = {**(spec.dialects[dialect]["hparams"] if dialect else {}),
+                     **{k: hparams[k] for k in raw}}
         out.append({"name": name, "shapes": {k: tuple(v) for k, v in shapes.items()},
-                    "hparams": hparams, "dialect": dialect})
+                    "hparams": hparams, "overrides": overrides, "dialect": dialect})
     names = [c["name"] for c in out]
     if len(set(names)) != len(names):
         raise SpecError(f"{where}: case names repeat: {names}")

@@ -103,6 +103,18 @@ def sum_over(v: Any, axes: tuple[int, ...]) -> Any:
     return namespace(v).sum(v, axis=axes)
 
 
+def l2_norm(v: Any, axes: tuple[int, ...] | None = None) -> Any:
+    """``||v||_2`` over ``axes`` (all axes if None, keepdims), scaled by the largest magnitude.
+
+    NumPy's ``vector_norm`` squares without scaling and overflows from about 1e154; dividing by
+    max|v| first keeps every square in [0, 1].  A zero slice has norm 0 (divided by 1, not 0).
+    """
+    xp = namespace(v)
+    big = xp.max(xp.abs(v), axis=axes, keepdims=True)
+    r = v / xp.where(big > 0, big, xp.ones_like(big))
+    return big * xp.sqrt(xp.sum(r * r, axis=axes, keepdims=True))
+
+
 def running_average(
     old: Any, batch: Any, count: Any, momentum: float | None, momentum_convention: str
 ) -> Any:

@@ -79,6 +79,7 @@ from typing import Any
 
 from reference._backend import namespace
 from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axis
+from reference.normalizers._stats import l2_norm
 from reference.registry import oracle_function, oracle_vjp
 
 OP = "spectral_norm"
@@ -128,12 +129,8 @@ def _check(weight: Any, u: Any, v: Any, dim: int) -> int:
 
 
 def vector_norm(x: Any) -> Any:
-    """``||x||_2`` of a vector, scaled by max|x| so that neither squares overflow nor underflow."""
-    xp = namespace(x)
-    big = xp.max(xp.abs(x))
-    # A zero vector has norm 0: divide it by 1 instead of 0 so that no NaN appears.
-    r = x / xp.where(big > 0, big, xp.ones_like(big))
-    return big * xp.sqrt(xp.sum(r * r))
+    """``||x||_2`` of a vector as a 0-d array, overflow-safe (see ``_stats.l2_norm``)."""
+    return namespace(x).reshape(l2_norm(x), ())
 
 
 def l2_normalize(x: Any, normalize: str, eps: float) -> Any:

@@ -52,7 +52,7 @@ from typing import Any
 
 from reference._backend import as_float64, namespace
 from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axis
-from reference.normalizers._stats import centered_moments, other_axes
+from reference.normalizers._stats import centered_moments, l2_norm, other_axes
 from reference.registry import oracle_function, oracle_vjp
 
 OP = "weight_norm"
@@ -76,16 +76,6 @@ def _check(v: Any, g: Any, dim: int | None) -> tuple[int, ...]:
         why = "v's shape with every axis but dim set to 1" + (" (or ())" if dim is None else "")
         check_shape(OP, "g", g, g_shape, f"{why}; v has shape {tuple(v.shape)}, dim={dim}")
     return axes
-
-
-def l2_norm(v: Any, axes: tuple[int, ...]) -> Any:
-    """``||v||`` over ``axes`` (keepdims), scaled by the largest magnitude: no overflow/underflow."""
-    xp = namespace(v)
-    big = xp.max(xp.abs(v), axis=axes, keepdims=True)
-    # A zero slice has norm 0; divide it by 1 instead of 0 so no NaN appears.
-    scale = xp.where(big > 0, big, xp.ones_like(big))
-    r = v / scale
-    return big * xp.sqrt(xp.sum(r * r, axis=axes, keepdims=True))
 
 
 def _denominator(v: Any, axes: tuple[int, ...], eps: float, eps_mode: str) -> tuple[Any, Any]:
