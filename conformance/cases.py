@@ -32,6 +32,7 @@ class Case:
     hparams: dict[str, Any]
     dialect: str | None = None
     seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
     state: dict[str, np.ndarray] | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
 
@@ -61,7 +62,8 @@ def default_cases(op_name: str, seed: int = 0) -> list[Case]:
     for c in spec.cases:
         rng = case_rng(seed, op_name, c["name"])
         inputs = {k: _draw(rng, k, shape) for k, shape in c["shapes"].items()}
-        cases.append(Case(op_name, c["name"], inputs, dict(c["hparams"]), c["dialect"], seed))
+        cases.append(Case(op_name, c["name"], inputs, dict(c["hparams"]), c["dialect"], seed,
+                          overrides=dict(c["overrides"])))
     return cases
 
 

@@ -1,0 +1,70 @@
+"""The same-precision baseline: the oracle's own formulas evaluated in the dtype under test.
+
+The oracle's functions are called on float32 arrays (NumPy keeps float32 through every
+operation) and gradients come from the oracle's hand-written VJPs in the same dtype.  Half
+precision (float16, bfloat16) is a storage type: like every framework's "opmath", the baseline
+computes it in float32 and rounds the results once to the half type.  It needs no framework, so it
+is the default adapter when none is installed, and the runner uses it as the same-precision
+baseline of the error model (conformance/tolerance.py).  Its dialect is the spec's defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import reference
+from conformance.adapters import OpSupport, Request, Response
+
+
+def _compute(value: np.ndarray) -> np.ndarray:
+    """The compute dtype: float32 for the half types (opmath), the array's own dtype otherwise."""
+    value = np.asarray(value)
+    if value.dtype.itemsize < 4:
+        return value.astype(np.float32)
+    return value
+
+
+def _raw(fn: Any) -> Any:
+    """The undecorated oracle function (no float64 promotion)."""
+    return getattr(fn, "__wrapped__", fn)
+
+
+class NumPy32Adapter:
+    name = "numpy32"
+
+    def info(self) -> dict[str, str]:
+        return {"framework": "numpy", "version": np.__version__, "device": "cpu",
+                "note": "oracle formulas in the test dtype"}
+
+    def ops(self) -> dict[str, OpSupport]:
+        return {name: OpSupport(dialect={}, dtypes=("float32", "float16"), api="reference (same dtype)")
+                for name in reference.ops()}
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        bound = reference.get(op)
+        spec = bound.spec
+        arrays = {k: _compute(v) for k, v in {**request.inputs, **(request.state or {})}.items()}
+        cotangents = {k: _compute(v) for k, v in (request.cotangents or {}).items()}
+        with np.errstate(all="ignore"):
+            result = _raw(bound.function)(**arrays, **request.hparams)
+            outputs, new_state = (result if spec.state else (result, {}))
+            if len(spec.outputs) == 1:
+                outputs = {spec.outputs[0].name: outputs}
+            else:
+                outputs = {t.name: v for t, v in zip(spec.outputs, outputs, strict=True)}
+            grads = {}
+            if request.cotangents is not None:
+                cts = {"d" + t.name: cotangents.get(t.name) for t in spec.outputs}
+                grads = dict(_raw(bound.vjp_function)(**cts, **arrays, **request.hparams))
+        store = request.inputs[next(iter(request.inputs))].dtype
+
+        def out(tree: dict[str, Any]) -> dict[str, np.ndarray]:
+            return {k: np.asarray(v).astype(store) for k, v in tree.items()}
+
+        return Response(outputs=out(outputs), state=out(new_state), grads=out(grads))
+
+
+def make_adapter() -> NumPy32Adapter:
+    return NumPy32Adapter()

@@ -1,0 +1,574 @@
+"""Runs cases through an adapter, compares with the oracle, and diagnoses dialects.
+
+One *case* is an op, a dtype, a named input recipe and a seed.  It runs for T steps (T = 1 for ops
+without state; ``profile.steps`` for stateful ones, with a train -> eval -> train schedule).  Each
+step: draw inputs and cotangents, round them to the dtype, give the adapter the oracle's current
+state (rounded), let the adapter compute outputs, gradients and the new state with its own code
+and autodiff, let the oracle compute the same in float64 from the same rounded values, and compare
+every quantity against the bound of :mod:`conformance.tolerance`.
+
+Verdicts (worst over steps and quantities): ERROR (the adapter raised, hung, returned a wrong
+shape or a non-finite value where the oracle is finite), FAIL, MISTRUSTED (the dtype cannot
+resolve the case), PASS, SKIP (the adapter does not support the op, dtype or a hyper-parameter
+value).  A FAIL is re-judged against the oracle under the other values of the op's dialect knobs,
+one knob at a time and then pairs: if one explains every quantity, the verdict is CONVENTION
+naming the knob and value.  Expected failures (``--xfails``) turn FAIL into XFAIL and PASS into XPASS.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import reference
+from conformance import tolerance
+from conformance.adapters import Adapter, Request, Unsupported
+from conformance.cases import ADVERSARIAL, Case, case_rng, default_cases
+
+__all__ = [
+    "PROFILES",
+    "VERDICTS",
+    "CaseResult",
+    "PlannedCase",
+    "Profile",
+    "dialect_knobs",
+    "plan",
+    "run",
+    "run_case",
+]
+
+VERDICTS = ("PASS", "CONVENTION", "MISTRUSTED", "XFAIL", "SKIP", "XPASS", "FAIL", "ERROR")
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+#: Hyper-parameters that choose a layout or a mode, not a convention: never "explain" a FAIL.
+LAYOUT_KNOBS = frozenset({"training", "track_running_stats", "axis", "axes", "dim"})
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    steps: int            # steps of a stateful case
+    adversarial: bool     # add the adversarial families
+    realistic: bool       # keep the spec's realistic-size cases
+    random: int           # extra seeded random cases per op (shapes and hyper-parameters)
+    timeout: float        # seconds per adapter call
+
+
+PROFILES = {
+    "quick": Profile("quick", steps=3, adversarial=False, realistic=False, random=0, timeout=30.0),
+    "default": Profile("default", steps=5, adversarial=True, realistic=True, random=2, timeout=60.0),
+    "thorough": Profile("thorough", steps=10, adversarial=True, realistic=True, random=20, timeout=120.0),
+}
+#: Inputs above this many elements are "realistic size" (the spec's large cases).
+REALISTIC_SIZE = 100_000
+
+
+@dataclass
+class PlannedCase:
+    """A case before it runs: everything needed to rebuild it from its id."""
+
+    op: str
+    dtype: str
+    name: str
+    seed: int
+    case: Case
+
+    def id(self, adapter: str) -> str:
+        return f"{adapter}:{self.op}:{self.dtype}:{self.name}:{self.seed}"
+
+
+@dataclass
+class CaseResult:
+    """The outcome of one case, as written to every report."""
+
+    id: str
+    adapter: str
+    op: str
+    dtype: str
+    case: str
+    seed: int
+    verdict: str
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    hparams: dict[str, Any] = field(default_factory=dict)
+    dialect: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    worst_ratio: float = 0.0
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    bound: float = 0.0
+    worst: str = ""
+    step: int = -1
+    diagnosis: str = ""
+    message: str = ""
+    comparisons: list[str] = field(default_factory=list)
+    seconds_adapter: float = 0.0
+    seconds_oracle: float = 0.0
+    framework: dict[str, str] = field(default_factory=dict)
+    normref_version: str = reference.__version__
+
+    @property
+    def repro(self) -> str:
+        return f"normref repro {self.id}"
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------
+
+
+def _primary_input(op: str) -> str:
+    spec = reference.get(op).spec
+    return next(t.name for t in spec.inputs if not t.optional)
+
+
+def _adversarial_cases(op: str, base: Case) -> list[tuple[str, Case]]:
+    primary = _primary_input(op)
+    out = []
+    for family in ADVERSARIAL:
+        rng = case_rng(base.seed, op, "adv", family)
+        inputs = dict(base.inputs)
+        inputs[primary] = ADVERSARIAL[family](rng, base.inputs[primary].shape)
+        name = f"adv-{family}@{base.name}"
+        out.append((name, Case(op, name, inputs, dict(base.hparams), base.dialect, base.seed,
+                               overrides=dict(base.overrides), tags=("adversarial",))))
+    return out
+
+
+def _random_hparams(op: str, rng: np.random.Generator) -> dict[str, Any]:
+    """Random values for the continuous hyper-parameters within their declared domains."""
+    spec = reference.get(op).spec
+    out: dict[str, Any] = {}
+    for name, p in spec.hparams.items():
+        if name == "eps" and p.type == "float":
+            out[name] = float(10.0 ** rng.uniform(-8, -1))
+        elif name == "momentum" and p.type == "float":
+            out[name] = float(rng.uniform(0.01, 0.99))
+    return out
+
+
+def _random_cases(op: str, base: Case, count: int, seed: int) -> list[tuple[str, Case]]:
+    out = []
+    for k in range(count):
+        name = f"rand{k}@{base.name}"
+        rng = case_rng(seed, op, name)
+        drawn = _random_hparams(op, rng)
+        hp, overrides = {**base.hparams, **drawn}, {**base.overrides, **drawn}
+        inputs = {key: rng.standard_normal(v.shape) * float(10.0 ** rng.uniform(-2, 2))
+                  if key == _primary_input(op) else v for key, v in base.inputs.items()}
+        out.append((name, Case(op, name, inputs, hp, base.dialect, seed, overrides=overrides,
+                               tags=("random",))))
+    return out
+
+
+def _cases_for(op: str, profile: Profile, seed: int) -> list[tuple[str, Case]]:
+    base = default_cases(op, seed)
+    cases = [(c.name, c) for c in base if profile.realistic or c.size <= REALISTIC_SIZE]
+    small = [c for c in base if c.size <= REALISTIC_SIZE]
+    if profile.adversarial and small:
+        cases += _adversarial_cases(op, small[0])
+    if profile.random and small:
+        cases += _random_cases(op, small[0], profile.random, seed)
+    return cases
+
+
+def plan(
+    adapter: Adapter,
+    *,
+    ops: str | None = None,
+    dtypes: Iterable[str] = ("float64", "float32", "float16"),
+    seed: int = 0,
+    profile: str = "default",
+    max_examples: int | None = None,
+) -> list[PlannedCase]:
+    """Every (op, dtype, case) the adapter will be asked for, in a stable order."""
+    prof = PROFILES[profile]
+    if max_examples is not None:
+        prof = Profile(prof.name, prof.steps, prof.adversarial, prof.realistic, max_examples, prof.timeout)
+    pattern = re.compile(ops) if ops else None
+    planned = []
+    for op in reference.ops():
+        if pattern and not pattern.search(op):
+            continue
+        for dtype in dtypes:
+            for name, case in _cases_for(op, prof, seed):
+                planned.append(PlannedCase(op, dtype, name, seed, case))
+    return planned
+
+
+def find_case(op: str, name: str, seed: int, dtype: str, profile: str = "thorough") -> PlannedCase:
+    """Rebuild one planned case from the parts of its id (for ``normref repro``)."""
+    for case_name, case in _cases_for(op, PROFILES[profile], seed):
+        if case_name == name:
+            return PlannedCase(op, dtype, name, seed, case)
+    raise KeyError(f"no case {name!r} for op {op!r} with seed {seed}")
+
+
+# --------------------------------------------------------------------------------------------
+# One case
+# --------------------------------------------------------------------------------------------
+
+
+def _np_dtype(dtype: str) -> Any:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def _round(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    with np.errstate(over="ignore"):
+        return {k: np.asarray(v, dtype=np.float64).astype(_np_dtype(dtype)) for k, v in arrays.items()}
+
+
+def _widen(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v).astype(np.float64) for k, v in arrays.items()}
+
+
+def _schedule(steps: int) -> list[bool]:
+    """train ... -> eval -> train ...: the middle step is in inference mode."""
+    return [k != steps // 2 for k in range(steps)] if steps > 1 else [True]
+
+
+def _step_inputs(case: Case, k: int) -> dict[str, np.ndarray]:
+    if k == 0:
+        return case.inputs
+    rng = case_rng(case.seed, case.op, case.name, f"step{k}")
+    primary = _primary_input(case.op)
+    out = dict(case.inputs)
+    if "adversarial" in case.tags:
+        family = case.name.split("@")[0][len("adv-"):]
+        out[primary] = ADVERSARIAL[family](rng, case.inputs[primary].shape)
+    else:
+        out[primary] = rng.standard_normal(case.inputs[primary].shape) * float(
+            np.std(case.inputs[primary]) or 1.0) + float(np.mean(case.inputs[primary]))
+    return out
+
+
+def _oracle(op: reference.Op, hp: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Flat float64 evaluation: keys "in.*", "state.*", "ct.*" -> "outputs.*", "grads.*", "state.*"."""
+    spec = op.spec
+
+    def evaluate(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = {k[3:]: v for k, v in arrays.items() if k.startswith("in.")}
+        state = {k[6:]: v for k, v in arrays.items() if k.startswith("state.")} or None
+        cts = {k[3:]: v for k, v in arrays.items() if k.startswith("ct.")}
+        outputs, new_state = op.apply(inputs, state, **hp)
+        flat = {f"outputs.{k}": np.asarray(v, dtype=np.float64) for k, v in outputs.items()}
+        flat.update({f"state.{k}": np.asarray(v, dtype=np.float64) for k, v in new_state.items()})
+        if cts and spec.differentiable:
+            grads = op.vjp(inputs, state, cts, **hp)
+            flat.update({f"grads.{k}": np.asarray(v, dtype=np.float64) for k, v in grads.items()})
+        return flat
+
+    return evaluate
+
+
+def _baseline(request: Request) -> dict[str, np.ndarray]:
+    """The oracle's formulas in the test dtype (no baseline for float64: it is the oracle)."""
+    if request.dtype == "float64":
+        return {}
+    from conformance.adapters.numpy32 import NumPy32Adapter
+
+    try:
+        return _flatten_response(NumPy32Adapter().evaluate(request.op, request))
+    except Exception:  # noqa: BLE001 - a failing baseline only removes its term from the bound
+        return {}
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _call_with_timeout(fn: Callable[[], Any], seconds: float) -> Any:
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported as the case's ERROR
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise _Timeout(f"the adapter did not answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _flatten_response(response: Any) -> dict[str, np.ndarray]:
+    flat = {f"outputs.{k}": v for k, v in response.outputs.items()}
+    flat.update({f"state.{k}": v for k, v in (response.state or {}).items()})
+    flat.update({f"grads.{k}": v for k, v in (response.grads or {}).items()})
+    return flat
+
+
+@dataclass
+class _Step:
+    hp: dict[str, Any]
+    dtype: str
+    arrays: dict[str, np.ndarray]        # the float64 values both sides read ("in.", "state.", "ct.")
+    actual: dict[str, np.ndarray]        # the adapter's quantities
+    bounds: dict[str, np.ndarray]
+    comparisons: list[tolerance.Comparison]
+
+
+def _judge(
+    actual: dict[str, np.ndarray],
+    expected: dict[str, np.ndarray],
+    bounds: dict[str, np.ndarray],
+    dtype: str,
+) -> list[tolerance.Comparison]:
+    comps = []
+    for key in sorted(expected):
+        if key not in actual:
+            comps.append(tolerance.Comparison(key, "error", math.inf, math.inf, math.inf, 0.0, (),
+                                              "the adapter did not return it"))
+            continue
+        comps.append(tolerance.compare(key, actual[key], expected[key], bounds[key], dtype))
+    return comps
+
+
+def _status(comps: list[tolerance.Comparison]) -> str:
+    statuses = {c.status for c in comps}
+    for status, verdict in (("error", "ERROR"), ("fail", "FAIL"), ("mistrusted", "MISTRUSTED")):
+        if status in statuses:
+            return verdict
+    return "PASS"
+
+
+def merged_hparams(op: str, case: Case, adapter_dialect: dict[str, Any]) -> dict[str, Any]:
+    """Spec defaults <- the case's own requests <- the adapter's declared conventions."""
+    spec = reference.get(op).spec
+    return spec.resolve({**case.overrides, **adapter_dialect})
+
+
+def run_case(adapter: Adapter, planned: PlannedCase, *, profile: str = "default") -> CaseResult:
+    """Run one planned case (all its steps) and return its result; never raises for adapter faults."""
+    prof = PROFILES[profile]
+    op = reference.get(planned.op)
+    spec = op.spec
+    support = adapter.ops().get(planned.op)
+    result = CaseResult(
+        id=planned.id(adapter.name), adapter=adapter.name, op=planned.op, dtype=planned.dtype,
+        case=planned.name, seed=planned.seed, verdict="SKIP",
+        shapes={k: list(v.shape) for k, v in planned.case.inputs.items()},
+        framework=dict(adapter.info()),
+    )
+    if support is None:
+        result.message = f"{adapter.name} does not implement {planned.op}"
+        return result
+    if planned.dtype not in support.dtypes:
+        result.message = f"{adapter.name} does not support {planned.dtype} for {planned.op}"
+        return result
+    result.dialect = dict(support.dialect)
+    try:
+        hp = merged_hparams(planned.op, planned.case, support.dialect)
+    except (TypeError, ValueError) as exc:
+        result.message = f"the adapter's dialect is not valid for this op: {exc}"
+        result.verdict = "ERROR"
+        return result
+    result.hparams = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()}
+    stateful = bool(spec.state)
+    steps = prof.steps if stateful else 1
+    schedule = _schedule(steps) if stateful and "training" in hp else [hp.get("training", True)] * steps
+    state: dict[str, np.ndarray] | None = None
+    n = max(int(v.size) for v in planned.case.inputs.values())
+    history: list[_Step] = []
+    for k in range(steps):
+        hp_k = {**hp, "training": schedule[k]} if "training" in hp else dict(hp)
+        inputs = _widen(_round(_step_inputs(planned.case, k), planned.dtype))
+        if not all(np.all(np.isfinite(v)) for v in inputs.values()):
+            result.verdict = "MISTRUSTED"
+            result.message = f"the inputs overflow {planned.dtype} when rounded to it"
+            return result
+        t0 = time.perf_counter()
+        try:
+            if state is None and stateful:
+                state = op.init_state(inputs, **hp_k)
+            state_d = _widen(_round(state, planned.dtype)) if stateful else {}
+            outputs, _ = op.apply(inputs, state_d or None, **hp_k)
+        except (TypeError, ValueError) as exc:
+            result.verdict = "SKIP"
+            result.message = f"the oracle rejects this case under the adapter's dialect: {exc}"
+            return result
+        rng = case_rng(planned.seed, planned.op, planned.name, f"cot{k}")
+        cts = (_widen(_round({key: rng.standard_normal(np.shape(v)) for key, v in outputs.items()},
+                             planned.dtype)) if spec.differentiable else {})
+        arrays = {**{f"in.{key}": v for key, v in inputs.items()},
+                  **{f"state.{key}": v for key, v in state_d.items()},
+                  **{f"ct.{key}": v for key, v in cts.items()}}
+        evaluate = _oracle(op, hp_k)
+        expected = evaluate(arrays)
+        sens = tolerance.sensitivity(evaluate, arrays, seed=planned.seed)
+        request = Request(planned.op, planned.dtype, _round(inputs, planned.dtype),
+                          _round(state_d, planned.dtype) if stateful else None, dict(hp_k),
+                          _round(cts, planned.dtype) if cts else None)
+        baseline = _baseline(request)
+        bounds = {key: tolerance.bound(expected[key], sens[key], planned.dtype, n, baseline.get(key))
+                  for key in expected}
+        result.seconds_oracle += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            response = _call_with_timeout(lambda r=request: adapter.evaluate(planned.op, r), prof.timeout)
+        except Unsupported as exc:
+            result.verdict, result.message = "SKIP", f"unsupported: {exc}"
+            return result
+        except Exception as exc:  # noqa: BLE001 - any adapter fault is this case's ERROR
+            result.seconds_adapter += time.perf_counter() - t0
+            result.verdict, result.step = "ERROR", k
+            result.message = f"step {k}: the adapter raised {type(exc).__name__}: {exc}"
+            return result
+        result.seconds_adapter += time.perf_counter() - t0
+        actual = _flatten_response(response)
+        comps = _judge(actual, expected, bounds, planned.dtype)
+        history.append(_Step(hp_k, planned.dtype, arrays, actual, bounds, comps))
+        state = {key[6:]: v for key, v in expected.items() if key.startswith("state.")} or None
+    result.steps = len(history)
+    _summarize(result, history)
+    if result.verdict == "FAIL":
+        knob = diagnose(op, history)
+        if knob:
+            result.verdict = "CONVENTION"
+            result.diagnosis = ", ".join(f"{k}={v!r}" for k, v in knob.items())
+            result.message = (f"matches the oracle with {result.diagnosis} instead of the declared "
+                              f"dialect")
+    return result
+
+
+def _summarize(result: CaseResult, history: list[_Step]) -> None:
+    verdicts = [_status(s.comparisons) for s in history]
+    order = ["ERROR", "FAIL", "MISTRUSTED", "PASS"]
+    result.verdict = min(verdicts, key=order.index) if verdicts else "PASS"
+    worst_step, worst = -1, None
+    for k, s in enumerate(history):
+        for c in s.comparisons:
+            if worst is None or _rank(c) > _rank(worst):
+                worst_step, worst = k, c
+    if worst is not None:
+        result.worst_ratio = worst.ratio
+        result.max_abs_error = worst.max_abs_error
+        result.max_rel_error = worst.max_rel_error
+        result.bound = worst.bound_at_worst
+        result.worst = worst.quantity
+        result.step = worst_step
+        result.message = result.message or f"step {worst_step}: {worst.describe()}"
+    result.comparisons = [f"step {k}: {c.describe()} [{c.status}]" for k, s in enumerate(history)
+                          for c in s.comparisons if c.status != "ok"]
+
+
+def _rank(c: tolerance.Comparison) -> tuple[int, float]:
+    severity = {"error": 3, "fail": 2, "mistrusted": 1, "ok": 0}[c.status]
+    ratio = c.ratio if math.isfinite(c.ratio) else 1e300
+    return severity, ratio
+
+
+# --------------------------------------------------------------------------------------------
+# Dialect diagnosis
+# --------------------------------------------------------------------------------------------
+
+
+def dialect_knobs(op: str) -> dict[str, list[Any]]:
+    """Convention knobs of an op and their candidate values.
+
+    A knob is a hyper-parameter whose value differs between the spec's dialect tables (layout
+    and mode switches excluded); its candidates are every value a dialect uses plus the declared
+    ``allowed`` set.
+    """
+    spec = reference.get(op).spec
+    values: dict[str, list[Any]] = {}
+    for table in spec.dialects.values():
+        for key, value in table["hparams"].items():
+            if key in LAYOUT_KNOBS:
+                continue
+            values.setdefault(key, [])
+            if value not in values[key]:
+                values[key].append(value)
+    knobs = {}
+    for key, seen in values.items():
+        allowed = list(spec.hparams[key].allowed or [])
+        candidates = seen + [a for a in allowed if a not in seen]
+        default = spec.hparams[key].default
+        if default not in candidates:
+            candidates.append(default)
+        if len(candidates) > 1:
+            knobs[key] = candidates
+    return knobs
+
+
+def _explains(op: reference.Op, history: list[_Step], change: dict[str, Any]) -> bool:
+    for s in history:
+        try:
+            expected = _oracle(op, {**s.hp, **change})(s.arrays)
+        except (TypeError, ValueError):
+            return False
+        if _status(_judge(s.actual, expected, s.bounds, s.dtype)) != "PASS":
+            return False
+    return True
+
+
+def diagnose(op: reference.Op, history: list[_Step]) -> dict[str, Any] | None:
+    """The knob assignment (one knob, else a pair) under which the adapter's results pass."""
+    knobs = dialect_knobs(op.name)
+    current = history[0].hp
+    singles = [{k: v} for k, vals in knobs.items() for v in vals if v != current.get(k)]
+    for change in singles:
+        if _explains(op, history, change):
+            return change
+    for (k1, vals1), (k2, vals2) in itertools.combinations(knobs.items(), 2):
+        for v1, v2 in itertools.product(vals1, vals2):
+            if v1 == current.get(k1) or v2 == current.get(k2):
+                continue
+            change = {k1: v1, k2: v2}
+            if _explains(op, history, change):
+                return change
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# A whole run
+# --------------------------------------------------------------------------------------------
+
+
+def run(
+    adapter: Adapter,
+    planned: list[PlannedCase],
+    *,
+    profile: str = "default",
+    xfails: dict[str, str] | None = None,
+    progress: Callable[[int, int, CaseResult], None] | None = None,
+) -> list[CaseResult]:
+    """Run every planned case; ``xfails`` maps case-id patterns (regex) to reasons."""
+    results = []
+    patterns = {re.compile(p): why for p, why in (xfails or {}).items()}
+    for i, case in enumerate(planned):
+        try:
+            result = run_case(adapter, case, profile=profile)
+        except Exception as exc:  # noqa: BLE001 - a harness fault must not lose the run
+            result = CaseResult(case.id(adapter.name), adapter.name, case.op, case.dtype, case.name,
+                                case.seed, "ERROR", message=f"harness error: {type(exc).__name__}: {exc}")
+        for pattern, why in patterns.items():
+            if pattern.search(result.id):
+                if result.verdict in ("FAIL", "ERROR"):
+                    result.verdict, result.message = "XFAIL", f"expected: {why}; {result.message}"
+                elif result.verdict == "PASS":
+                    result.verdict, result.message = "XPASS", f"expected to fail ({why}) but passed"
+        results.append(result)
+        if progress:
+            progress(i + 1, len(planned), result)
+    return results
+
+
+def unmatched_xfails(xfails: dict[str, str], results: list[CaseResult]) -> list[str]:
+    """Expected-failure patterns that matched no case id (stale entries)."""
+    return [p for p in xfails if not any(re.search(p, r.id) for r in results)]
