@@ -1,8 +1,11 @@
 """The ``normref`` command line.
 
 Verbs: ``list`` (the registered ops), ``show NAME`` (one op's spec: citation, equations, inputs,
-hyper-parameters, dialect table).  Usage errors (unknown verb, op or option) print one line and
-exit with status 2.  Heavy frameworks are never imported here.
+hyper-parameters, dialect table), ``check [ADAPTER]`` (run the conformance cases through a
+framework adapter and report), ``repro CASE-ID`` (rerun one case and print inputs, both results
+and the difference).  Usage errors (unknown verb, op, adapter or option) print one line and exit
+with status 2; ``check`` exits 1 when a case FAILs, ERRORs or XPASSes, 0 otherwise.  Heavy
+frameworks are imported only by the adapter that needs them, when a check runs.
 """
 
 from __future__ import annotations
@@ -165,6 +168,113 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage_error(verb: str, message: str) -> int:
+    print(f"normref {verb}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _load_xfails(path: str | None) -> dict[str, str]:
+    """``[[xfail]]`` tables with ``id`` (a regex over case ids) and ``reason``."""
+    if not path:
+        return {}
+    import tomllib
+
+    data = tomllib.loads(Path(path).read_text())
+    entries = data.get("xfail", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "id" in e for e in entries):
+        raise ValueError(f"{path}: expected [[xfail]] tables with an 'id' (regex) and a 'reason'")
+    return {e["id"]: str(e.get("reason", "")) for e in entries}
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        k, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like K/N (e.g. 2/4), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from conformance import report, runner
+    from conformance.adapters import available_builtin, load_adapter
+
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in dtypes if d not in runner.DTYPES]
+    if unknown:
+        return _usage_error("check", f"unknown dtype {unknown[0]!r}; choose from {', '.join(runner.DTYPES)}")
+    try:
+        shard = _parse_shard(args.shard)
+        xfails = _load_xfails(args.xfails)
+        names = [args.adapter] if args.adapter else [n for n in available_builtin() if n != "numpy32"]
+        adapters = [load_adapter(n) for n in (names or ["numpy32"])]
+    except (ValueError, TypeError, OSError) as exc:
+        return _usage_error("check", str(exc))
+    results = []
+    for adapter in adapters:
+        planned = runner.plan(adapter, ops=args.ops, dtypes=dtypes, seed=args.seed, profile=args.profile,
+                              max_examples=args.max_examples)
+        if shard:
+            planned = [c for i, c in enumerate(planned) if i % shard[1] == shard[0] - 1]
+        if not planned:
+            return _usage_error("check", f"no cases: --ops {args.ops!r} matches no op")
+        results += runner.run(adapter, planned, profile=args.profile, xfails=xfails,
+                              progress=report.progress_printer())
+    stale = runner.unmatched_xfails(xfails, results)
+    for pattern in stale:
+        print(f"normref check: warning: xfail entry {pattern!r} matched no case", file=sys.stderr)
+    meta = {"normref_version": _version(), "adapters": {a.name: a.info() for a in adapters},
+            "seed": args.seed, "profile": args.profile, "dtypes": dtypes, "ops": args.ops}
+    title = "normref check: " + ", ".join(f"{a.name} ({a.info().get('version', '?')})" for a in adapters)
+    report.terminal(results, title=title)
+    if args.json:
+        report.to_json(results, args.json, meta=meta)
+    if args.junit_xml:
+        report.to_junit_xml(results, args.junit_xml)
+    if args.markdown:
+        report.to_markdown(results, args.markdown, title=title)
+    return report.exit_code(results, strict_xpass=not args.no_strict_xpass)
+
+
+def cmd_repro(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from conformance import runner
+    from conformance.adapters import load_adapter
+
+    parts = args.case_id.split(":")
+    if len(parts) != 5:
+        return _usage_error("repro", f"a case id looks like ADAPTER:OP:DTYPE:CASE:SEED, got {args.case_id!r}")
+    adapter_name, op, dtype, name, seed = parts
+    try:
+        adapter = load_adapter(args.adapter or adapter_name)
+        planned = runner.find_case(op, name, int(seed), dtype)
+    except (ValueError, KeyError, TypeError) as exc:
+        return _usage_error("repro", str(exc.args[0] if exc.args else exc))
+    trace: list = []
+    result = runner.run_case(adapter, planned, profile=args.profile, trace=trace)
+    np.set_printoptions(precision=17, threshold=args.max_elements, linewidth=110)
+    print(f"case {result.id}: {result.verdict}")
+    print(f"hyper-parameters: {result.hparams}")
+    print(f"adapter dialect: {result.dialect}")
+    for step in trace:
+        print(f"\n--- step {step['step']} (training={step['hparams'].get('training', '-')})")
+        for key, value in step["arrays"].items():
+            print(f"{key} {value.shape}:\n{value}")
+        for comp in step["comparisons"]:
+            key = comp.quantity
+            exp, act = step["expected"][key], np.asarray(step["actual"].get(key), dtype=np.float64)
+            print(f"\n{key} [{comp.status}] {comp.describe()}")
+            print(f"  oracle (float64):\n{exp}\n  adapter:\n{act}")
+            if act.shape == exp.shape:
+                print(f"  adapter - oracle:\n{act - exp}")
+    print(f"\n{result.verdict}: {result.message}")
+    return 0 if result.verdict not in ("FAIL", "ERROR") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="normref",
@@ -187,7 +297,46 @@ def build_parser() -> argparse.ArgumentParser:
     p_show.add_argument("name", help="op name, as printed by `normref list`")
     p_show.add_argument("--json", action="store_true", help="print the spec as JSON")
     p_show.set_defaults(func=cmd_show)
+
+    p_check = sub.add_parser(
+        "check",
+        help="check a framework against the oracle",
+        description="Run the conformance cases through ADAPTER (a built-in name: numpy32, torch, jax; a "
+        "module path; or a .py file). Without ADAPTER, every installed framework is checked (numpy32 if "
+        "none is). Exit status: 0 if nothing FAILs/ERRORs/XPASSes, 1 otherwise, 2 on usage errors.",
+    )
+    p_check.add_argument("adapter", nargs="?", help="numpy32 | torch | jax | my.module | path/to/adapter.py")
+    p_check.add_argument("--ops", default=None, help="regex over op names (default: all)")
+    p_check.add_argument("--dtypes", default="float64,float32,float16",
+                         help="comma-separated: float64,float32,float16,bfloat16")
+    p_check.add_argument("--seed", type=int, default=0, help="case seed (same seed, same cases)")
+    p_check.add_argument("--max-examples", type=int, default=None, dest="max_examples",
+                         help="seeded random cases per op (overrides the profile's count)")
+    p_check.add_argument("--profile", choices=sorted(runner_profiles()), default="default")
+    p_check.add_argument("--xfails", help="TOML file of [[xfail]] id (regex) / reason entries")
+    p_check.add_argument("--no-strict-xpass", action="store_true", dest="no_strict_xpass",
+                         help="do not fail the run on XPASS")
+    p_check.add_argument("--json", help="write one JSON record per case to this file")
+    p_check.add_argument("--junit-xml", dest="junit_xml", help="write JUnit XML to this file")
+    p_check.add_argument("--markdown", help="write a Markdown summary (for a PR comment) to this file")
+    p_check.add_argument("--shard", help="run only shard K of N (K/N, 1-based)")
+    p_check.set_defaults(func=cmd_check)
+
+    p_repro = sub.add_parser("repro", help="rerun one case and print everything",
+                             description="Rerun one case by its id and print inputs, both results and "
+                             "their difference at every step.")
+    p_repro.add_argument("case_id", help="ADAPTER:OP:DTYPE:CASE:SEED as printed by `normref check`")
+    p_repro.add_argument("--adapter", help="load this adapter instead of the id's (e.g. a .py path)")
+    p_repro.add_argument("--profile", choices=sorted(runner_profiles()), default="default")
+    p_repro.add_argument("--max-elements", type=int, default=200, dest="max_elements",
+                         help="print arrays in full up to this size")
+    p_repro.set_defaults(func=cmd_repro)
     return parser
+
+
+def runner_profiles() -> list[str]:
+    # Kept in sync with conformance.runner.PROFILES without importing NumPy-heavy modules for --help.
+    return ["quick", "default", "thorough"]
 
 
 def _version() -> str:

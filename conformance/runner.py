@@ -353,8 +353,14 @@ def merged_hparams(op: str, case: Case, adapter_dialect: dict[str, Any]) -> dict
     return spec.resolve({**case.overrides, **adapter_dialect})
 
 
-def run_case(adapter: Adapter, planned: PlannedCase, *, profile: str = "default") -> CaseResult:
-    """Run one planned case (all its steps) and return its result; never raises for adapter faults."""
+def run_case(
+    adapter: Adapter, planned: PlannedCase, *, profile: str = "default", trace: list | None = None
+) -> CaseResult:
+    """Run one planned case (all its steps) and return its result; never raises for adapter faults.
+
+    ``trace``, if given, receives one dict per step: the hyper-parameters, the arrays both sides
+    read, the oracle's and the adapter's quantities, the bounds and the comparisons (for repro).
+    """
     prof = PROFILES[profile]
     op = reference.get(planned.op)
     spec = op.spec
@@ -433,16 +439,20 @@ def run_case(adapter: Adapter, planned: PlannedCase, *, profile: str = "default"
         actual = _flatten_response(response)
         comps = _judge(actual, expected, bounds, planned.dtype)
         history.append(_Step(hp_k, planned.dtype, arrays, actual, bounds, comps))
+        if trace is not None:
+            trace.append({"step": k, "hparams": hp_k, "arrays": arrays, "expected": expected,
+                          "actual": actual, "bounds": bounds, "comparisons": comps})
         state = {key[6:]: v for key, v in expected.items() if key.startswith("state.")} or None
     result.steps = len(history)
     _summarize(result, history)
     if result.verdict == "FAIL":
-        knob = diagnose(op, history)
-        if knob:
+        found = diagnose(op, history)
+        if found:
+            names = [", ".join(f"{k}={v!r}" for k, v in change.items()) for change in found]
             result.verdict = "CONVENTION"
-            result.diagnosis = ", ".join(f"{k}={v!r}" for k, v in knob.items())
-            result.message = (f"matches the oracle with {result.diagnosis} instead of the declared "
-                              f"dialect")
+            result.diagnosis = names[0]
+            also = f" (equivalently: {'; '.join(names[1:])})" if len(names) > 1 else ""
+            result.message = f"matches the oracle with {names[0]}{also} instead of the declared dialect"
     return result
 
 
@@ -517,22 +527,26 @@ def _explains(op: reference.Op, history: list[_Step], change: dict[str, Any]) ->
     return True
 
 
-def diagnose(op: reference.Op, history: list[_Step]) -> dict[str, Any] | None:
-    """The knob assignment (one knob, else a pair) under which the adapter's results pass."""
-    knobs = dialect_knobs(op.name)
+def diagnose(op: reference.Op, history: list[_Step]) -> list[dict[str, Any]]:
+    """The knob assignments under which the adapter's results pass: every single knob that does,
+    else the first pair that does.  Convention switches (knobs with an ``allowed`` set) are tried
+    before numeric values, so ``momentum_convention='old_weight'`` is named before its numeric
+    twin ``momentum=0.9``."""
+    spec = op.spec
+    knobs = sorted(dialect_knobs(op.name).items(), key=lambda kv: spec.hparams[kv[0]].allowed is None)
     current = history[0].hp
-    singles = [{k: v} for k, vals in knobs.items() for v in vals if v != current.get(k)]
-    for change in singles:
-        if _explains(op, history, change):
-            return change
-    for (k1, vals1), (k2, vals2) in itertools.combinations(knobs.items(), 2):
+    singles = [{k: v} for k, vals in knobs for v in vals if v != current.get(k)]
+    found = [change for change in singles if _explains(op, history, change)]
+    if found:
+        return found
+    for (k1, vals1), (k2, vals2) in itertools.combinations(knobs, 2):
         for v1, v2 in itertools.product(vals1, vals2):
             if v1 == current.get(k1) or v2 == current.get(k2):
                 continue
             change = {k1: v1, k2: v2}
             if _explains(op, history, change):
-                return change
-    return None
+                return [change]
+    return []
 
 
 # --------------------------------------------------------------------------------------------
