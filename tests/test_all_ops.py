@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_vjp
 
 import reference
 from conformance.cases import default_cases
+from helpers import assert_vjp
 
 # Cases above this many input elements are realistic-size cases for the harness and benchmarks;
 # finite differences on them would only slow CI down without covering anything new.

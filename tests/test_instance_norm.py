@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference
+from conformance.cases import ADVERSARIAL, adversarial
 from helpers import (
     mp_array,
     mp_mean,
@@ -15,11 +20,6 @@ from helpers import (
     torch_or_skip,
     torch_vjp,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
-import reference
-from conformance.cases import ADVERSARIAL, adversarial
 
 OP = reference.get("instance_norm")
 RNG = np.random.default_rng(20260103)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference
+from conformance.cases import ADVERSARIAL, adversarial
 from helpers import (
     mp_array,
     mp_mean,
@@ -14,11 +19,6 @@ from helpers import (
     torch_or_skip,
     torch_vjp,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
-import reference
-from conformance.cases import ADVERSARIAL, adversarial
 from reference.normalizers.layer_norm import layer_norm
 from reference.normalizers.rms_norm import rms_norm
 

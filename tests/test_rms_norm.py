@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import mp_array, mp_sqrt, relative_error, t64, torch_or_skip, torch_vjp
 from hypothesis import given
 from hypothesis import strategies as st
 
 import reference
 from conformance.cases import ADVERSARIAL, adversarial
+from helpers import mp_array, mp_sqrt, relative_error, t64, torch_or_skip, torch_vjp
 from reference.normalizers.layer_norm import layer_norm
 from reference.normalizers.rms_norm import rms_norm
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import mp, mp_array, relative_error, t64, torch_or_skip
 from hypothesis import given
 from hypothesis import strategies as st
 
 import reference
 from conformance import check_vjp
 from conformance.cases import ADVERSARIAL, adversarial
+from helpers import mp, mp_array, relative_error, t64, torch_or_skip
 from reference.normalizers.spectral_norm import spectral_norm
 
 OP = reference.get("spectral_norm")

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference
+from conformance.cases import ADVERSARIAL, adversarial
 from helpers import (
     mp,
     mp_array,
@@ -16,11 +21,6 @@ from helpers import (
     torch_or_skip,
     torch_vjp,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
-import reference
-from conformance.cases import ADVERSARIAL, adversarial
 from reference.normalizers.weight_standardization import weight_standardization
 
 OP = reference.get("weight_standardization")
