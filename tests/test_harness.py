@@ -173,3 +173,21 @@ def test_repro_reruns_one_case_and_prints_both_sides(capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "oracle (float64)" in out and "adapter - oracle" in out and "grads.x [fail]" in out
+
+
+def test_pytest_plugin_turns_cases_into_items(tmp_path):
+    """The CI gate: one item per case; the failing adapter's cases fail with the repro line."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_nothing.py").write_text("def test_placeholder():\n    pass\n")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "conformance.pytest_plugin", "-p", "no:cacheprovider",
+           "--normref-adapter", str(HERE / "harness_adapters.py"), "--normref-ops", "^batch_norm$",
+           "--normref-dtypes", "float64", "--normref-profile", "quick", "--rootdir", str(tmp_path),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "normref repro badgrad:batch_norm:float64:" in proc.stdout
+    planned = runner.plan(ha.BadGradientAdapter(), ops="^batch_norm$", dtypes=("float64",), profile="quick")
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert f"{len(planned)} failed, 1 passed" in summary
