@@ -354,10 +354,16 @@ def merged_hparams(op: str, case: Case, adapter_dialect: dict[str, Any]) -> dict
 
 
 def run_case(
-    adapter: Adapter, planned: PlannedCase, *, profile: str = "default", trace: list | None = None
+    adapter: Adapter,
+    planned: PlannedCase,
+    *,
+    profile: str = "default",
+    trace: list | None = None,
+    diagnose_fail: bool = True,
 ) -> CaseResult:
     """Run one planned case (all its steps) and return its result; never raises for adapter faults.
 
+    ``diagnose_fail=False`` skips the dialect diagnosis of a FAIL (e.g. while shrinking).
     ``trace``, if given, receives one dict per step: the hyper-parameters, the arrays both sides
     read, the oracle's and the adapter's quantities, the bounds and the comparisons (for repro).
     """
@@ -445,7 +451,7 @@ def run_case(
         state = {key[6:]: v for key, v in expected.items() if key.startswith("state.")} or None
     result.steps = len(history)
     _summarize(result, history)
-    if result.verdict == "FAIL":
+    if result.verdict == "FAIL" and diagnose_fail:
         found = diagnose(op, history)
         if found:
             names = [", ".join(f"{k}={v!r}" for k, v in change.items()) for change in found]

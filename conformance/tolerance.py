@@ -181,7 +181,8 @@ def compare(
         return Comparison(quantity, "error", math.inf, math.inf, math.inf, 0.0, index,
                           f"the adapter returned {actual[index]} where the oracle is {oracle[index]:.6g}")
     err = np.abs(actual - oracle)
-    ratios = err / bounds
+    with np.errstate(over="ignore"):
+        ratios = err / bounds
     flat = int(np.argmax(ratios))
     index = tuple(int(i) for i in np.unravel_index(flat, oracle.shape))
     scale = float(np.max(np.abs(oracle)))
