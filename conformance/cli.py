@@ -173,19 +173,6 @@ def _usage_error(verb: str, message: str) -> int:
     return EXIT_USAGE
 
 
-def _load_xfails(path: str | None) -> dict[str, str]:
-    """``[[xfail]]`` tables with ``id`` (a regex over case ids) and ``reason``."""
-    if not path:
-        return {}
-    import tomllib
-
-    data = tomllib.loads(Path(path).read_text())
-    entries = data.get("xfail", [])
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and "id" in e for e in entries):
-        raise ValueError(f"{path}: expected [[xfail]] tables with an 'id' (regex) and a 'reason'")
-    return {e["id"]: str(e.get("reason", "")) for e in entries}
-
-
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
     if not text:
         return None
@@ -208,7 +195,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return _usage_error("check", f"unknown dtype {unknown[0]!r}; choose from {', '.join(runner.DTYPES)}")
     try:
         shard = _parse_shard(args.shard)
-        xfails = _load_xfails(args.xfails)
+        xfails = runner.load_xfails(args.xfails)
         names = [args.adapter] if args.adapter else [n for n in available_builtin() if n != "numpy32"]
         adapters = [load_adapter(n) for n in (names or ["numpy32"])]
     except (ValueError, TypeError, OSError) as exc:

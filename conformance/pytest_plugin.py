@@ -66,14 +66,12 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     spec = config.getoption("normref_adapter")
     if not spec:
         return
-    from conformance.cli import _load_xfails
-
     adapter = load_adapter(spec)
     dtypes = [d.strip() for d in config.getoption("normref_dtypes").split(",") if d.strip()]
     profile = config.getoption("normref_profile")
     planned = runner.plan(adapter, ops=config.getoption("normref_ops"), dtypes=dtypes,
                           seed=config.getoption("normref_seed"), profile=profile)
-    xfails = _load_xfails(config.getoption("normref_xfails"))
+    xfails = runner.load_xfails(config.getoption("normref_xfails"))
     for case in planned:
         items.append(NormrefItem.from_parent(session, name=case.id(adapter.name), adapter=adapter,
                                              planned=case, profile=profile, xfails=xfails))

@@ -1,0 +1,484 @@
+"""The PyTorch adapter: torch's own normalization code paths, checked against the oracle.
+
+Every op maps to the torch call a user would write, one small function each:
+
+=======================  ====================================================================
+op                       torch code path
+=======================  ====================================================================
+batch_norm               ``nn.BatchNorm{1,2,3}d`` (its Python forward owns num_batches_tracked
+                         and momentum=None); untracked: the same module without buffers
+layer_norm               ``F.layer_norm`` (non-trailing axes are permuted to the end first)
+group_norm               ``F.group_norm``
+instance_norm            ``F.instance_norm`` (what ``nn.InstanceNorm*d`` calls)
+rms_norm                 ``F.rms_norm`` (Gemma's ``1 + w`` as the weight, formed in float32)
+weight_norm              ``torch._weight_norm`` (what ``parametrizations.weight_norm`` calls)
+spectral_norm            ``parametrizations.spectral_norm`` on a holder module, _u/_v set from
+                         the state
+weight_standardization   timm ``StdConv2d``: ``F.batch_norm(w.reshape(1, out, -1), None, None,
+                         training=True, momentum=0., eps)``
+=======================  ====================================================================
+
+Conventions.  ``ops()`` declares, per op, the values of the spec's convention knobs that torch
+follows (from each spec's ``torch`` dialect table; the ``timm`` one for weight standardization,
+for which torch has no core op).  Layout and mode hyper-parameters (``axis``, ``axes``, ``dim``,
+``training``, ``track_running_stats``) and numeric values (``eps``, ``momentum``,
+``num_groups``, ``n_power_iterations``, ``weight_offset``) come from the case and are
+implemented here (a channel axis is moved with ``movedim``, normalized axes are permuted to the
+end); what torch cannot express raises :class:`Unsupported` (the case is SKIP) with the reason.
+Every hyper-parameter of a request must be read by the op's mapping: one that is not (a knob
+added to a spec later) is refused rather than ignored.
+
+Gradients are torch's autograd VJP of the outputs with the given cotangents
+(``torch.autograd.grad(outputs, inputs, grad_outputs=cotangents)``, i.e. the gradient of
+``sum(cotangent * output)``) w.r.t. every differentiable input given.
+
+Deviations from the oracle's bookkeeping, documented rather than hidden:
+
+* ``instance_norm`` ``num_batches_tracked``: torch's InstanceNorm never increments its buffer
+  (and ``F.instance_norm`` has none).  The spec's notes say adapters should not compare it, but
+  the runner requires every state quantity, so this adapter returns the request's count plus one
+  after a tracked training step (the count of calls, not a torch quantity).  Because torch cannot
+  give the cumulative average that needs the count, ``momentum=None`` with tracked training is
+  Unsupported (``nn.InstanceNorm*d(momentum=None)`` passes momentum 0.0: frozen statistics).
+* ``spectral_norm`` ``sigma``: torch's parametrization returns only ``weight / sigma``; the
+  adapter recomputes ``sigma = vdot(_u, mv(W_mat, _v))`` with torch's own expression from the
+  buffers the forward used (the clones it divides by), so its gradient is torch's as well.
+* ``weight_norm`` without ``g``: torch always has a magnitude; the adapter passes ``g = 1``.
+
+Device: CPU by default; ``NORMREF_TORCH_DEVICE=cuda`` (or ``make_adapter(device="cuda")``) runs
+on the GPU when ``torch.cuda.is_available()``.  Dtypes: float64, float32, float16 and bfloat16
+(bfloat16 arrives as ``ml_dtypes.bfloat16`` NumPy arrays and returns as float32 arrays holding
+the bfloat16 values).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conformance.adapters import OpSupport, Request, Response, Unsupported
+
+__all__ = ["DIALECTS", "TorchAdapter", "make_adapter"]
+
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+_TORCH_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+#: The convention knobs torch follows, per op (the specs' ``torch`` dialect tables without their
+#: layout and numeric entries; weight standardization: timm's StdConv2d).
+DIALECTS: dict[str, dict[str, Any]] = {
+    "batch_norm": {"momentum_convention": "new_weight", "running_var_correction": 1,
+                   "single_value": "raise"},
+    "layer_norm": {},
+    "group_norm": {"affine": "per_channel"},
+    "instance_norm": {"momentum_convention": "new_weight", "running_var_correction": 1,
+                      "single_value": "raise"},
+    "rms_norm": {"eps_placement": "inside"},
+    # torch has no eps in weight norm at all: eps = 0 is a convention, not a chosen value.
+    "weight_norm": {"eps": 0.0, "eps_mode": "add"},
+    "spectral_norm": {"normalize": "max", "iteration_order": "u_then_v", "eval_mode": "frozen",
+                      "gradient": "through_sigma"},
+    "weight_standardization": {"correction": 0, "eps_mode": "add_var"},
+}
+
+API = {
+    "batch_norm": "torch.nn.BatchNorm{1,2,3}d (F.batch_norm)",
+    "layer_norm": "torch.nn.functional.layer_norm",
+    "group_norm": "torch.nn.functional.group_norm",
+    "instance_norm": "torch.nn.functional.instance_norm",
+    "rms_norm": "torch.nn.functional.rms_norm",
+    "weight_norm": "torch._weight_norm (parametrizations.weight_norm)",
+    "spectral_norm": "torch.nn.utils.parametrizations.spectral_norm",
+    "weight_standardization": "timm StdConv2d: F.batch_norm(w.reshape(1, out, -1), training=True)",
+}
+
+#: torch's message when a training-mode statistic would have one value (F._verify_batch_size,
+#: F._verify_spatial_size): the case is outside what torch computes.
+_SINGLE_VALUE_MESSAGES = ("Expected more than 1 value per channel",
+                          "Expected more than 1 spatial element")
+
+
+# --------------------------------------------------------------------------------------------
+# One call: conversions, hyper-parameters, autograd
+# --------------------------------------------------------------------------------------------
+
+
+class _Call:
+    """The tensors of one request, the hyper-parameters still to be read, and the VJP."""
+
+    def __init__(self, request: Request, device: torch.device) -> None:
+        self.request = request
+        self.device = device
+        self.dtype = _TORCH_DTYPES[request.dtype]
+        self.hp = dict(request.hparams)
+        self.unread = {k for k, v in request.inputs.items() if v is not None}
+        self.leaves: dict[str, torch.Tensor] = {}
+
+    # hyper-parameters ---------------------------------------------------------------------
+
+    def take(self, name: str) -> Any:
+        """A hyper-parameter's value (marked as read)."""
+        if name not in self.hp:
+            raise Unsupported(f"the request has no hyper-parameter {name!r}")
+        return self.hp.pop(name)
+
+    def expect(self, name: str, value: Any) -> None:
+        """A convention torch has no switch for: any other value is Unsupported."""
+        got = self.take(name)
+        if got != value:
+            raise Unsupported(f"torch follows {name}={value!r}; it cannot express {got!r}")
+
+    def check_all_read(self, op: str) -> None:
+        """Refuse a request with a hyper-parameter or an input that the mapping did not read."""
+        if self.hp or self.unread:
+            names = ", ".join(sorted(self.hp) + [f"input {k}" for k in sorted(self.unread)])
+            raise Unsupported(f"the torch adapter does not implement {op}'s {names}")
+
+    # arrays -------------------------------------------------------------------------------
+
+    def tensor(self, value: np.ndarray) -> torch.Tensor:
+        """A NumPy array (bfloat16 via float32, exactly) as a tensor of the request's dtype."""
+        array = np.asarray(value)
+        if array.dtype.itemsize < 4 and array.dtype != np.float16:  # ml_dtypes.bfloat16
+            array = array.astype(np.float32)
+        return torch.from_numpy(np.array(array)).to(device=self.device, dtype=self.dtype)
+
+    def input(self, name: str, *, parameter: bool = False) -> torch.Tensor | None:
+        """A differentiable input (None when absent); ``parameter``: as an ``nn.Parameter``."""
+        self.unread.discard(name)
+        if self.request.inputs.get(name) is None:
+            return None
+        value = self.tensor(self.request.inputs[name])
+        leaf = nn.Parameter(value) if parameter else value.requires_grad_(True)
+        self.leaves[name] = leaf
+        return leaf
+
+    def state(self, name: str) -> torch.Tensor | None:
+        state = self.request.state or {}
+        return None if state.get(name) is None else self.tensor(state[name])
+
+    def count(self) -> int:
+        """``num_batches_tracked`` of the request's state (0 when absent)."""
+        state = self.request.state or {}
+        value = state.get("num_batches_tracked")
+        return 0 if value is None else int(round(float(np.asarray(value, dtype=np.float64))))
+
+    # results ------------------------------------------------------------------------------
+
+    def finish(self, outputs: dict[str, torch.Tensor],
+               state: dict[str, torch.Tensor | float] | None = None) -> Response:
+        """Outputs, state and the VJP of the outputs with the request's cotangents."""
+        grads: dict[str, np.ndarray] = {}
+        cotangents = self.request.cotangents
+        if cotangents is not None and self.leaves:
+            pairs = [(outputs[k], self.tensor(ct)) for k, ct in cotangents.items()
+                     if ct is not None and k in outputs and outputs[k].requires_grad]
+            names = list(self.leaves)
+            if pairs:
+                found = torch.autograd.grad([o for o, _ in pairs], [self.leaves[k] for k in names],
+                                            grad_outputs=[c for _, c in pairs], allow_unused=True)
+            else:
+                found = (None,) * len(names)
+            for name, grad in zip(names, found, strict=True):
+                leaf = self.leaves[name]
+                grads[name] = _numpy(torch.zeros_like(leaf) if grad is None else grad)
+        new_state = {k: (_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v, np.float64))
+                     for k, v in (state or {}).items()}
+        return Response(outputs={k: _numpy(v) for k, v in outputs.items()}, state=new_state,
+                        grads=grads)
+
+
+def _numpy(value: torch.Tensor) -> np.ndarray:
+    value = value.detach().to("cpu")
+    if value.dtype == torch.bfloat16:
+        value = value.to(torch.float32)  # exact: NumPy has no bfloat16
+    return value.numpy().copy()
+
+
+def _single_value_guard(fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; torch's refusal of a one-value statistic becomes Unsupported."""
+    try:
+        return fn()
+    except ValueError as exc:
+        if any(m in str(exc) for m in _SINGLE_VALUE_MESSAGES):
+            raise Unsupported(f"torch refuses this input: {exc}") from None
+        raise
+
+
+def _axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise Unsupported(f"axis {axis} is out of range for {ndim} dims")
+    return axis % ndim
+
+
+def _trailing(x: torch.Tensor, axes: Any) -> tuple[list[int], list[int] | None]:
+    """``normalized_shape`` after moving ``axes`` (in increasing order) to the end, and the
+    permutation that does it (None when they are already the trailing axes)."""
+    axes = sorted(_axis(a, x.ndim) for a in axes)
+    if len(set(axes)) != len(axes):
+        raise Unsupported(f"repeated normalized axes {axes}")
+    perm = [a for a in range(x.ndim) if a not in axes] + axes
+    shape = [int(x.shape[a]) for a in axes]
+    return shape, (None if perm == list(range(x.ndim)) else perm)
+
+
+def _permuted(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+              perm: list[int] | None) -> torch.Tensor:
+    """``fn`` applied with the axes of ``x`` in order ``perm``, the result permuted back."""
+    if perm is None:
+        return fn(x)
+    inverse = [perm.index(a) for a in range(x.ndim)]
+    return fn(x.permute(perm)).permute(inverse)
+
+
+# --------------------------------------------------------------------------------------------
+# The eight normalizers
+# --------------------------------------------------------------------------------------------
+
+
+def _batch_norm_module(ndim: int) -> type[nn.Module]:
+    return {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(
+        ndim, nn.BatchNorm1d)
+
+
+def batch_norm(c: _Call) -> Response:
+    """``nn.BatchNorm*d``: the module's forward counts batches and handles momentum=None."""
+    for knob, value in DIALECTS["batch_norm"].items():
+        c.expect(knob, value)
+    training, track = c.take("training"), c.take("track_running_stats")
+    axis, eps, momentum = c.take("axis"), c.take("eps"), c.take("momentum")
+    x, weight, bias = c.input("x"), c.input("weight", parameter=True), c.input("bias", parameter=True)
+    axis = _axis(axis, x.ndim)
+    xc = torch.movedim(x, axis, 1)
+    channels = int(xc.shape[1])
+    module = _batch_norm_module(xc.ndim)(channels, eps=eps, momentum=momentum, affine=False,
+                                         track_running_stats=track, device=c.device, dtype=c.dtype)
+    module.weight, module.bias = weight, bias   # Parameters (or None): partial affine allowed
+    if track:
+        for name in ("running_mean", "running_var"):
+            value = c.state(name)
+            if value is not None:
+                setattr(module, name, value)
+        module.num_batches_tracked = torch.tensor(c.count(), dtype=torch.long, device=c.device)
+    module.train(training)
+    flat = xc if xc.ndim <= 5 else xc.reshape(xc.shape[0], channels, -1)  # BatchNorm1d on (N, C, L)
+    y = _single_value_guard(lambda: module(flat)).reshape(xc.shape)
+    state = {}
+    if track:
+        state = {"running_mean": module.running_mean, "running_var": module.running_var,
+                 "num_batches_tracked": float(module.num_batches_tracked.item())}
+    c.check_all_read("batch_norm")
+    return c.finish({"y": torch.movedim(y, 1, axis)}, state)
+
+
+def layer_norm(c: _Call) -> Response:
+    """``F.layer_norm`` over the trailing axes (other normalized axes are permuted there)."""
+    axes, eps = c.take("axes"), c.take("eps")
+    x, weight, bias = c.input("x"), c.input("weight"), c.input("bias")
+    shape, perm = _trailing(x, axes)
+    y = _permuted(lambda t: F.layer_norm(t, shape, weight, bias, eps), x, perm)
+    c.check_all_read("layer_norm")
+    return c.finish({"y": y})
+
+
+def group_norm(c: _Call) -> Response:
+    """``F.group_norm`` with the channel axis moved to 1 (torch's (N, C, *) layout)."""
+    c.expect("affine", "per_channel")   # torch's weight/bias are (C,); ONNX-18's (G,) is not
+    num_groups, axis, eps = c.take("num_groups"), c.take("axis"), c.take("eps")
+    x, weight, bias = c.input("x"), c.input("weight"), c.input("bias")
+    axis = _axis(axis, x.ndim)
+    if axis == 0:
+        raise Unsupported("axis 0 is the batch axis")
+    xc = torch.movedim(x, axis, 1)
+    y = _single_value_guard(lambda: F.group_norm(xc, num_groups, weight, bias, eps))
+    c.check_all_read("group_norm")
+    return c.finish({"y": torch.movedim(y, 1, axis)})
+
+
+def instance_norm(c: _Call) -> Response:
+    """``F.instance_norm`` exactly as ``nn.InstanceNorm*d.forward`` calls it."""
+    for knob, value in DIALECTS["instance_norm"].items():
+        c.expect(knob, value)
+    training, track = c.take("training"), c.take("track_running_stats")
+    axis, eps, momentum = c.take("axis"), c.take("eps"), c.take("momentum")
+    x, weight, bias = c.input("x"), c.input("weight"), c.input("bias")
+    axis = _axis(axis, x.ndim)
+    if axis == 0:
+        raise Unsupported("axis 0 is the batch axis")
+    updates = training and track
+    if momentum is None and updates:
+        raise Unsupported("torch's InstanceNorm has no cumulative average: "
+                          "nn.InstanceNorm*d(momentum=None) passes momentum 0.0 (frozen stats)")
+    running_mean = c.state("running_mean") if track else None
+    running_var = c.state("running_var") if track else None
+    if track and (running_mean is None or running_var is None):
+        raise Unsupported("track_running_stats=True needs running_mean and running_var")
+    xc = torch.movedim(x, axis, 1)
+    use_input_stats = training or not track
+    y = _single_value_guard(lambda: F.instance_norm(
+        xc, running_mean, running_var, weight, bias, use_input_stats,
+        momentum if momentum is not None else 0.0, eps))
+    state = {}
+    if track:
+        # torch updates the running stats in place; its num_batches_tracked never moves (see the
+        # module docstring): the count returned is the adapter's, one per tracked training call.
+        state = {"running_mean": running_mean, "running_var": running_var,
+                 "num_batches_tracked": float(c.count() + (1 if updates else 0))}
+    c.check_all_read("instance_norm")
+    return c.finish({"y": torch.movedim(y, 1, axis)}, state)
+
+
+def rms_norm(c: _Call) -> Response:
+    """``F.rms_norm`` (eps inside the root); a weight offset is added to the weight passed."""
+    c.expect("eps_placement", "inside")
+    axes, eps, offset, p = c.take("axes"), c.take("eps"), c.take("weight_offset"), c.take("p")
+    if p >= 0:
+        raise Unsupported(f"torch has no partial RMSNorm (p={p})")
+    if c.request.inputs.get("bias") is not None:
+        raise Unsupported("torch's RMSNorm has no bias (the official code's offset)")
+    x, weight = c.input("x"), c.input("weight")
+    shape, perm = _trailing(x, axes)
+    if weight is None or offset == 0:
+        y = _permuted(lambda t: F.rms_norm(t, shape, weight, eps), x, perm)
+    else:
+        # Gemma: ``_norm(x.float()) * (1.0 + weight.float())``, cast back: the gain is formed
+        # in float32 (exact for half weights), not rounded to the half type.
+        opmath = torch.float32 if x.element_size() < 4 else x.dtype
+        y = _permuted(lambda t: F.rms_norm(t.to(opmath), shape, weight.to(opmath) + offset, eps),
+                      x, perm).to(x.dtype)
+    c.check_all_read("rms_norm")
+    return c.finish({"y": y})
+
+
+def weight_norm(c: _Call) -> Response:
+    """``torch._weight_norm(v, g, dim)``; the oracle's dim=None is torch's -1 (whole tensor)."""
+    c.expect("eps", 0.0)
+    c.expect("eps_mode", "add")
+    dim = c.take("dim")
+    v, g = c.input("v"), c.input("g")
+    torch_dim = -1 if dim is None else _axis(dim, v.ndim)
+    if g is None:   # no magnitude parameter: torch's weight norm with g = 1
+        shape = [1] * v.ndim
+        if dim is not None:
+            shape[torch_dim] = int(v.shape[torch_dim])
+        g = torch.ones(shape, dtype=c.dtype, device=c.device)
+    w = torch._weight_norm(v, g, torch_dim)
+    c.check_all_read("weight_norm")
+    return c.finish({"w": w})
+
+
+def spectral_norm(c: _Call) -> Response:
+    """``parametrizations.spectral_norm`` on a holder module with _u, _v from the state."""
+    for knob, value in DIALECTS["spectral_norm"].items():
+        c.expect(knob, value)
+    training, dim = c.take("training"), c.take("dim")
+    n_power_iterations, eps = c.take("n_power_iterations"), c.take("eps")
+    if n_power_iterations < 1:
+        raise Unsupported(f"torch's spectral_norm requires n_power_iterations >= 1, got "
+                          f"{n_power_iterations}")
+    weight = c.input("weight", parameter=True)
+    if weight.ndim < 2:
+        raise Unsupported("torch's spectral_norm keeps no u, v for a 1-D weight "
+                          "(it returns F.normalize(weight) in every mode)")
+    holder = nn.Module()
+    holder.weight = weight
+    cuda = [] if c.device.type != "cuda" else [
+        c.device.index if c.device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        # registration draws random u, v and runs 15 power iterations; both are replaced below
+        torch.nn.utils.parametrizations.spectral_norm(
+            holder, "weight", n_power_iterations=n_power_iterations, eps=eps, dim=dim)
+    sn = holder.parametrizations.weight[0]
+    original = holder.parametrizations.weight.original
+    c.leaves["weight"] = original   # the registered parameter is the one autograd reaches
+    for name in ("u", "v"):
+        value = c.state(name)
+        if value is not None:
+            getattr(sn, f"_{name}").copy_(value)
+    holder.train(training)
+    w = holder.weight                     # torch's forward: power iteration (training), W / sigma
+    sigma = torch.vdot(sn._u, torch.mv(sn._reshape_weight_to_matrix(original), sn._v))
+    c.check_all_read("spectral_norm")
+    return c.finish({"w": w, "sigma": sigma}, {"u": sn._u, "v": sn._v})
+
+
+def weight_standardization(c: _Call) -> Response:
+    """timm ``StdConv2d``: batch norm of the (1, out, fan_in) view, biased var, eps inside."""
+    c.expect("correction", 0)
+    c.expect("eps_mode", "add_var")
+    axis, eps = c.take("axis"), c.take("eps")
+    weight = c.input("weight")
+    axis = _axis(axis, weight.ndim)
+    w = torch.movedim(weight, axis, 0)
+    out = int(w.shape[0])
+    w_hat = _single_value_guard(lambda: F.batch_norm(
+        w.reshape(1, out, -1), None, None, training=True, momentum=0.0, eps=eps).reshape_as(w))
+    c.check_all_read("weight_standardization")
+    return c.finish({"w_hat": torch.movedim(w_hat, 0, axis)})
+
+
+_OPS: dict[str, Callable[[_Call], Response]] = {
+    "batch_norm": batch_norm,
+    "layer_norm": layer_norm,
+    "group_norm": group_norm,
+    "instance_norm": instance_norm,
+    "rms_norm": rms_norm,
+    "weight_norm": weight_norm,
+    "spectral_norm": spectral_norm,
+    "weight_standardization": weight_standardization,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter
+# --------------------------------------------------------------------------------------------
+
+
+def _device(device: str | None) -> torch.device:
+    name = device or os.environ.get("NORMREF_TORCH_DEVICE", "") or "cpu"
+    resolved = torch.device(name)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"NORMREF_TORCH_DEVICE={name!r} but torch.cuda.is_available() is False")
+    if resolved.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"unsupported torch device {name!r} (cpu or cuda)")
+    return resolved
+
+
+class TorchAdapter:
+    name = "torch"
+
+    def __init__(self, device: str | None = None) -> None:
+        self.device = _device(device)
+
+    def info(self) -> dict[str, str]:
+        info = {"framework": "torch", "version": torch.__version__, "device": str(self.device)}
+        if self.device.type == "cuda":
+            info["device_name"] = torch.cuda.get_device_name(self.device)
+            info["cuda"] = str(torch.version.cuda)
+        return info
+
+    def ops(self) -> dict[str, OpSupport]:
+        return {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=API[op])
+                for op in _OPS}
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        if op not in _OPS:
+            raise Unsupported(f"the torch adapter does not implement {op}")
+        if request.dtype not in _TORCH_DTYPES:
+            raise Unsupported(f"dtype {request.dtype}")
+        return _OPS[op](_Call(request, self.device))
+
+
+def make_adapter(device: str | None = None) -> TorchAdapter:
+    return TorchAdapter(device)
+
