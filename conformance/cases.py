@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ADVERSARIAL", "Case", "adversarial", "case_rng", "default_cases"]
+__all__ = ["ADVERSARIAL", "LAYOUTS", "Case", "adversarial", "as_layout", "case_rng", "default_cases"]
 
 
 def case_rng(seed: int, *names: str) -> np.random.Generator:
@@ -90,6 +90,13 @@ def _scaled(scale: float) -> Callable[[np.random.Generator, tuple[int, ...]], np
     return make
 
 
+def _nonfinite(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    values = rng.standard_normal(shape)
+    values.flat[0] = np.nan
+    values.flat[-1] = np.inf
+    return values
+
+
 def _mixed_scales(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     # Magnitudes spread over 12 decades inside one reduction: sums lose the small terms first.
     return rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 6, size=shape)
@@ -106,7 +113,28 @@ ADVERSARIAL: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarr
     "huge_1e150": _scaled(1e150),
     "tiny_1e-150": _scaled(1e-150),
     "mixed_scales": _mixed_scales,
+    # |x| ~ 300: x^2 ~ 9e4 overflows float16 (max 65504) unless the statistics are upcast.
+    "fp16_square_overflow": _scaled(300.0),
+    # A NaN and an inf: they must stay where the oracle has them (their reduction group), and
+    # every other element must be exact as usual.
+    "nonfinite": _nonfinite,
 }
+
+#: Memory layouts the runner hands to adapters for the ``layout-*`` cases: the same values as a
+#: strided view (every other element of a larger buffer) and in Fortran (column-major) order.
+LAYOUTS = ("strided", "fortran")
+
+
+def as_layout(value: np.ndarray, layout: str) -> np.ndarray:
+    """``value`` with the same contents in a non-contiguous memory layout."""
+    if layout == "fortran":
+        # asfortranarray would turn a 0-d array into shape (1,); below 2 dims order is moot.
+        return np.asfortranarray(value) if value.ndim >= 2 else value
+    if layout == "strided" and value.ndim:
+        buffer = np.zeros(value.shape[:-1] + (2 * value.shape[-1],), dtype=value.dtype)
+        buffer[..., ::2] = value
+        return buffer[..., ::2]
+    return value
 
 
 def adversarial(family: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -83,7 +83,7 @@ def _detail(r: CaseResult) -> list[str]:
                      f"(rel {r.max_rel_error:.3g}), bound {r.bound:.3g}, ratio {r.worst_ratio:.3g}")
     if r.diagnosis:
         lines.append(f"    diagnosis: {r.diagnosis} (instead of the declared {r.dialect})")
-    if r.message and not r.message.startswith(f"step {r.step}: {r.worst}"):
+    if r.message and not (r.worst and r.message.startswith(f"step {r.step}: {r.worst}")):
         lines.append(f"    {r.message}")
     for c in r.comparisons[:4]:
         lines.append(f"    {c}")

@@ -31,7 +31,7 @@ import numpy as np
 import reference
 from conformance import tolerance
 from conformance.adapters import Adapter, Request, Unsupported
-from conformance.cases import ADVERSARIAL, Case, case_rng, default_cases
+from conformance.cases import ADVERSARIAL, LAYOUTS, Case, as_layout, case_rng, default_cases
 
 __all__ = [
     "PROFILES",
@@ -142,6 +142,17 @@ def _adversarial_cases(op: str, base: Case) -> list[tuple[str, Case]]:
         name = f"adv-{family}@{base.name}"
         out.append((name, Case(op, name, inputs, dict(base.hparams), base.dialect, base.seed,
                                overrides=dict(base.overrides), tags=("adversarial",))))
+    spec = reference.get(op).spec
+    eps = spec.hparams.get("eps")
+    if eps is not None and eps.type == "float":
+        # eps -> 0: the smallest eps any dialect table uses (BERT's LayerNorm) on ordinary data.
+        name = f"eps_1e-12@{base.name}"
+        out.append((name, Case(op, name, dict(base.inputs), {**base.hparams, "eps": 1e-12},
+                               base.dialect, base.seed, overrides={**base.overrides, "eps": 1e-12})))
+    for layout in LAYOUTS:
+        name = f"layout-{layout}@{base.name}"
+        out.append((name, Case(op, name, dict(base.inputs), dict(base.hparams), base.dialect,
+                               base.seed, overrides=dict(base.overrides), tags=(f"layout:{layout}",))))
     return out
 
 
@@ -261,6 +272,10 @@ def _oracle(op: reference.Op, hp: dict[str, Any]) -> Callable[[dict[str, np.ndar
     spec = op.spec
 
     def evaluate(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with np.errstate(all="ignore"):  # NaN/inf cases and probes: judged, not warned about
+            return _evaluate(arrays)
+
+    def _evaluate(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = {k[3:]: v for k, v in arrays.items() if k.startswith("in.")}
         state = {k[6:]: v for k, v in arrays.items() if k.startswith("state.")} or None
         cts = {k[3:]: v for k, v in arrays.items() if k.startswith("ct.")}
@@ -292,6 +307,15 @@ def _baseline(request: Request, hp: dict[str, Any], arrays: dict[str, np.ndarray
             return _flatten_response(NumPy32Adapter().evaluate(request.op, req))
     except Exception:  # noqa: BLE001 - a failing baseline only removes its term from the bound
         return {}
+
+
+def _with_layout(request: Request, layout: str) -> Request:
+    """The same request with every array in a non-contiguous memory layout."""
+    def apply(tree: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        return None if tree is None else {k: as_layout(v, layout) for k, v in tree.items()}
+
+    return Request(request.op, request.dtype, apply(request.inputs), apply(request.state),
+                   request.hparams, apply(request.cotangents))
 
 
 class _Timeout(Exception):
@@ -437,8 +461,9 @@ def run_case(
     history: list[_Step] = []
     for k in range(steps):
         hp_k = {**hp, "training": schedule[k]} if "training" in hp else dict(hp)
-        inputs = _widen(_round(_step_inputs(planned.case, k), planned.dtype))
-        if not all(np.all(np.isfinite(v)) for v in inputs.values()):
+        raw = _step_inputs(planned.case, k)
+        inputs = _widen(_round(raw, planned.dtype))
+        if any(np.any(np.isfinite(raw[key]) & ~np.isfinite(v)) for key, v in inputs.items()):
             result.verdict = "MISTRUSTED"
             result.message = f"the inputs overflow {planned.dtype} when rounded to it"
             return result
@@ -463,6 +488,9 @@ def run_case(
                           _round(cts, planned.dtype) if cts else None)
         expected, bounds = _expected_and_bounds(op, hp_k, arrays, request, n, planned.seed)
         result.seconds_oracle += time.perf_counter() - t0
+        layout = next((t[len("layout:"):] for t in planned.case.tags if t.startswith("layout:")), None)
+        if layout:
+            request = _with_layout(request, layout)
         t0 = time.perf_counter()
         try:
             response = _call_with_timeout(lambda r=request: adapter.evaluate(planned.op, r), prof.timeout)

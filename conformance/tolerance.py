@@ -66,7 +66,8 @@ Verdict of one quantity.  ratio = max_i |actual_i - oracle_i| / bound_i, ok when
 When the bound is at least a quarter of the quantity's magnitude, the dtype cannot resolve this
 case (fewer than two correct bits are guaranteed) and the comparison is MISTRUSTED, not PASS.
 NaN or inf from the adapter where the oracle is finite is an ERROR; non-finite oracle values
-(inputs that overflow the dtype) are MISTRUSTED.
+(the case's own inputs overflow the dtype) are MISTRUSTED; with deliberately non-finite inputs
+(the ``nonfinite`` family) NaN/inf must appear exactly where the oracle has them.
 """
 
 from __future__ import annotations
@@ -216,8 +217,21 @@ def compare(
         return Comparison(quantity, "ok", 0.0, 0.0, 0.0, 0.0, ())
     oracle_finite = np.isfinite(oracle)
     if not np.all(oracle_finite):
-        return Comparison(quantity, "mistrusted", math.nan, math.nan, math.nan, math.nan, (),
-                          "the oracle is not finite here (inputs overflow this dtype)")
+        # Non-finite inputs: NaN/inf must appear exactly where the oracle has them (the reduction
+        # groups the bad value reaches); the finite elements are judged as usual.
+        wrong = np.isfinite(actual) != oracle_finite
+        if np.any(wrong):
+            index = tuple(int(i) for i in np.argwhere(wrong)[0])
+            return Comparison(quantity, "fail", math.inf, math.inf, math.inf, 0.0, index,
+                              f"non-finite pattern differs: the adapter has {actual[index]} where "
+                              f"the oracle has {oracle[index]}")
+        if not np.any(oracle_finite):
+            return Comparison(quantity, "ok", 0.0, 0.0, 0.0, 0.0, (),
+                              "non-finite exactly where the oracle is")
+        inner = compare(quantity, actual[oracle_finite], oracle[oracle_finite],
+                        np.broadcast_to(bounds, oracle.shape)[oracle_finite], dtype)
+        inner.note = (inner.note + "; " if inner.note else "") + "non-finite where the oracle is"
+        return inner
     if float(np.max(np.abs(oracle))) > MAX_FINITE[dtype]:
         return Comparison(quantity, "mistrusted", math.nan, math.nan, math.nan, math.nan, (),
                           f"the exact result exceeds the largest finite {dtype}")

@@ -112,7 +112,9 @@ def l2_norm(v: Any, axes: tuple[int, ...] | None = None) -> Any:
     xp = namespace(v)
     big = xp.max(xp.abs(v), axis=axes, keepdims=True)
     r = v / xp.where(big > 0, big, xp.ones_like(big))
-    return big * xp.sqrt(xp.sum(r * r, axis=axes, keepdims=True))
+    norm = big * xp.sqrt(xp.sum(r * r, axis=axes, keepdims=True))
+    # An infinite entry makes the norm infinite (IEEE hypot), not inf/inf = NaN; NaN stays NaN.
+    return xp.where(xp.isinf(big), big, norm)
 
 
 def running_average(
