@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ADVERSARIAL", "LAYOUTS", "Case", "adversarial", "as_layout", "case_rng", "default_cases"]
+__all__ = [
+    "ADVERSARIAL", "FAMILIES", "LAYOUTS", "Case", "adversarial", "as_layout", "case_rng", "default_cases",
+]
 
 
 def case_rng(seed: int, *names: str) -> np.random.Generator:
@@ -115,10 +117,12 @@ ADVERSARIAL: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarr
     "mixed_scales": _mixed_scales,
     # |x| ~ 300: x^2 ~ 9e4 overflows float16 (max 65504) unless the statistics are upcast.
     "fp16_square_overflow": _scaled(300.0),
-    # A NaN and an inf: they must stay where the oracle has them (their reduction group), and
-    # every other element must be exact as usual.
-    "nonfinite": _nonfinite,
 }
+
+#: Every family the harness runs: the finite ones above (the oracle's accuracy tests use those)
+#: plus a NaN and an inf, which must stay where the oracle has them (their reduction group)
+#: while every other element is judged as usual.
+FAMILIES = {**ADVERSARIAL, "nonfinite": _nonfinite}
 
 #: Memory layouts the runner hands to adapters for the ``layout-*`` cases: the same values as a
 #: strided view (every other element of a larger buffer) and in Fortran (column-major) order.
@@ -139,6 +143,6 @@ def as_layout(value: np.ndarray, layout: str) -> np.ndarray:
 
 def adversarial(family: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """Float64 data of ``shape`` from one adversarial ``family`` (see ``ADVERSARIAL``)."""
-    if family not in ADVERSARIAL:
-        raise ValueError(f"unknown adversarial family {family!r}; known: {sorted(ADVERSARIAL)}")
-    return ADVERSARIAL[family](case_rng(seed, "adversarial", family), tuple(shape))
+    if family not in FAMILIES:
+        raise ValueError(f"unknown adversarial family {family!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[family](case_rng(seed, "adversarial", family), tuple(shape))

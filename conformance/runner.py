@@ -31,7 +31,7 @@ import numpy as np
 import reference
 from conformance import tolerance
 from conformance.adapters import Adapter, Request, Unsupported
-from conformance.cases import ADVERSARIAL, LAYOUTS, Case, as_layout, case_rng, default_cases
+from conformance.cases import FAMILIES, LAYOUTS, Case, as_layout, case_rng, default_cases
 
 __all__ = [
     "PROFILES",
@@ -135,10 +135,10 @@ def _primary_input(op: str) -> str:
 def _adversarial_cases(op: str, base: Case) -> list[tuple[str, Case]]:
     primary = _primary_input(op)
     out = []
-    for family in ADVERSARIAL:
+    for family in FAMILIES:
         rng = case_rng(base.seed, op, "adv", family)
         inputs = dict(base.inputs)
-        inputs[primary] = ADVERSARIAL[family](rng, base.inputs[primary].shape)
+        inputs[primary] = FAMILIES[family](rng, base.inputs[primary].shape)
         name = f"adv-{family}@{base.name}"
         out.append((name, Case(op, name, inputs, dict(base.hparams), base.dialect, base.seed,
                                overrides=dict(base.overrides), tags=("adversarial",))))
@@ -260,7 +260,7 @@ def _step_inputs(case: Case, k: int) -> dict[str, np.ndarray]:
     out = dict(case.inputs)
     if "adversarial" in case.tags:
         family = case.name.split("@")[0][len("adv-"):]
-        out[primary] = ADVERSARIAL[family](rng, case.inputs[primary].shape)
+        out[primary] = FAMILIES[family](rng, case.inputs[primary].shape)
     else:
         out[primary] = rng.standard_normal(case.inputs[primary].shape) * float(
             np.std(case.inputs[primary]) or 1.0) + float(np.mean(case.inputs[primary]))

@@ -53,7 +53,8 @@ def _eps_for(family, eps_mode):
     # eps at 1e-5 of the data's own scale: large enough that a wrong placement of eps errs by
     # ~1e-5 (far above the 1e-10 bound), small enough that the statistics, not eps, dominate.
     std = {"offset_1e8_std_1e-3": 1e-3, "offset_1e4_std_1e-2": 1e-2, "constant": 1.0,
-           "huge_1e150": 1e150, "tiny_1e-150": 1e-150, "mixed_scales": 1e5}[family]
+           "huge_1e150": 1e150, "tiny_1e-150": 1e-150, "mixed_scales": 1e5,
+           "fp16_square_overflow": 300.0}[family]
     # add_std compares eps with a std; add_var and max_fanin_var with a variance.
     return 1e-5 * std if eps_mode == "add_std" else max(1e-5 * std * std, 5e-324)
 
