@@ -96,6 +96,25 @@ def expand_to(v: Any, ndim: int, axes: int | tuple[int, ...]) -> Any:
     return xp.reshape(v, tuple(shape))
 
 
+def affine(x_hat: Any, weight: Any, bias: Any, axes: int | tuple[int, ...]) -> Any:
+    """``gamma * x_hat + beta`` with gamma, beta laid out along ``axes`` (either may be None)."""
+    y = x_hat
+    if weight is not None:
+        y = y * expand_to(weight, x_hat.ndim, axes)
+    if bias is not None:
+        y = y + expand_to(bias, x_hat.ndim, axes)
+    return y
+
+
+def running_standardize(
+    x: Any, running_mean: Any, running_var: Any, eps: float, axis: int
+) -> tuple[Any, Any]:
+    """``(x_hat, inv_std)`` with the running statistics in place of the batch's (inference)."""
+    xp = namespace(x)
+    inv_std = 1.0 / xp.sqrt(expand_to(running_var, x.ndim, axis) + eps)
+    return (x - expand_to(running_mean, x.ndim, axis)) * inv_std, inv_std
+
+
 def sum_over(v: Any, axes: tuple[int, ...]) -> Any:
     """Sum over ``axes``; no reduction at all when there are none (e.g. x is a single row)."""
     if not axes:

@@ -35,10 +35,12 @@ from typing import Any
 from reference._backend import namespace
 from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axis
 from reference.normalizers._stats import (
+    affine,
     expand_to,
     other_axes,
     reduction_size,
     running_average,
+    running_standardize,
     standardize,
 )
 from reference.registry import oracle_function, oracle_vjp
@@ -136,15 +138,9 @@ def batch_norm(
                 "num_batches_tracked": count,
             }
     else:
-        inv_std = 1.0 / xp.sqrt(expand_to(running_var, x.ndim, axis) + eps)
-        x_hat = (x - expand_to(running_mean, x.ndim, axis)) * inv_std
+        x_hat, inv_std = running_standardize(x, running_mean, running_var, eps, axis)
 
-    y = x_hat
-    if weight is not None:
-        y = y * expand_to(weight, x.ndim, axis)
-    if bias is not None:
-        y = y + expand_to(bias, x.ndim, axis)
-    return y, state
+    return affine(x_hat, weight, bias, axis), state
 
 
 @oracle_vjp(OP)
@@ -183,8 +179,7 @@ def batch_norm_vjp(
         # and mean_R(h x_hat) = gamma dgamma / n: the paper's backward (Sec. 3) in one line.
         dx = (gamma * inv_std) * (dy - dbeta / n - x_hat * (dgamma / n))
     else:
-        inv_std = 1.0 / xp.sqrt(expand_to(running_var, x.ndim, axis) + eps)
-        x_hat = (x - expand_to(running_mean, x.ndim, axis)) * inv_std
+        x_hat, inv_std = running_standardize(x, running_mean, running_var, eps, axis)
         dx = dy * (gamma * inv_std)
         dbeta = xp.sum(dy, axis=R, keepdims=True)
         dgamma = xp.sum(dy * x_hat, axis=R, keepdims=True)

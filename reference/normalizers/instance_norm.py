@@ -40,10 +40,12 @@ from typing import Any
 from reference._backend import namespace
 from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axis
 from reference.normalizers._stats import (
+    affine,
     expand_to,
     other_axes,
     reduction_size,
     running_average,
+    running_standardize,
     standardize,
     standardize_vjp,
 )
@@ -157,15 +159,9 @@ def instance_norm(
                 "num_batches_tracked": count,
             }
     else:
-        inv_std = 1.0 / xp.sqrt(expand_to(running_var, x.ndim, axis) + eps)
-        x_hat = (x - expand_to(running_mean, x.ndim, axis)) * inv_std
+        x_hat, inv_std = running_standardize(x, running_mean, running_var, eps, axis)
 
-    y = x_hat
-    if weight is not None:
-        y = y * expand_to(weight, x.ndim, axis)
-    if bias is not None:
-        y = y + expand_to(bias, x.ndim, axis)
-    return y, state
+    return affine(x_hat, weight, bias, axis), state
 
 
 @oracle_vjp(OP)
@@ -200,8 +196,7 @@ def instance_norm_vjp(
     else:
         if running_mean is None or running_var is None:
             fail(OP, "track_running_stats=True needs running_mean and running_var")
-        inv_std = 1.0 / xp.sqrt(expand_to(running_var, x.ndim, axis) + eps)
-        x_hat = (x - expand_to(running_mean, x.ndim, axis)) * inv_std
+        x_hat, inv_std = running_standardize(x, running_mean, running_var, eps, axis)
         dx = h * inv_std  # the running stats are constants: no terms through statistics
     grads = {"x": dx}
     channel_sum = other_axes(x.ndim, axis)  # (N, R)

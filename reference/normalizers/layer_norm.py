@@ -38,7 +38,7 @@ from __future__ import annotations
 from typing import Any
 
 from reference._common import check_ndim, check_nonempty, check_shape, normalize_axes
-from reference.normalizers._stats import expand_to, other_axes, standardize, standardize_vjp, sum_over
+from reference.normalizers._stats import affine, expand_to, other_axes, standardize, standardize_vjp, sum_over
 from reference.registry import oracle_function, oracle_vjp
 
 OP = "layer_norm"
@@ -67,12 +67,7 @@ def layer_norm(
     """Layer normalization of ``x`` over ``axes``; returns ``y`` (the shape of x)."""
     axes = _check(x, weight, bias, axes)
     x_hat, _, _, _ = standardize(x, axes, eps)  # Eq. 3 and the normalization of Eq. 4
-    y = x_hat
-    if weight is not None:
-        y = y * expand_to(weight, x.ndim, axes)
-    if bias is not None:
-        y = y + expand_to(bias, x.ndim, axes)
-    return y
+    return affine(x_hat, weight, bias, axes)
 
 
 @oracle_vjp(OP)
