@@ -14,7 +14,10 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   gradient per differentiable input that was given.
 ``init_state``    (ops with state) ``"module:callable"`` building the initial state from inputs.
 ``backward``      ``exact`` | ``custom`` | ``surrogate``
-``tolerance``     the tolerance class used by the harness (e.g. ``standardizer``)
+``tolerance``     the op's error class, for documentation and ``normref show`` (e.g.
+                  ``standardizer``, ``rms_normalizer``, ``l2_normalizer``).  The harness's bounds do
+                  not depend on it: conformance/tolerance.py derives them per case from the
+                  measured sensitivity, for every op alike.
 ``properties``    names of the invariants the property tests check
 ``[citation]``    ``title``, ``arxiv``, ``equations``, ``code`` (official code path), ``notes``
 ``[[inputs]]`` / ``[[state]]`` / ``[[outputs]]``: ``name``, ``shape`` (a rule in words),
