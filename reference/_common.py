@@ -55,3 +55,34 @@ def normalize_axes(op: str, name: str, axes: int | Sequence[int], ndim: int) -> 
     if not out:
         fail(op, f"{name} must name at least one axis, got {tuple(raw)}")
     return out
+
+
+def check_channel_params(
+    op: str, x: Any, axis: int, params: dict[str, Any], *, min_ndim: int, not_batch: bool = False
+) -> int:
+    """x is non-empty with >= ``min_ndim`` dims; every given entry of ``params`` (per-channel
+    weight, bias, running statistics) has shape (C,) for the C channels on ``axis``.  With
+    ``not_batch`` the channel axis may not be axis 0.  Returns the normalized axis."""
+    check_ndim(op, "x", x, min_ndim=min_ndim)
+    check_nonempty(op, "x", x)
+    axis = normalize_axis(op, "axis", axis, x.ndim)
+    if not_batch and axis == 0:
+        fail(op, f"axis={axis} is the batch axis; the channel axis must be one of 1..{x.ndim - 1} "
+                 f"(or negative), x has shape {tuple(x.shape)}")
+    channels = (int(x.shape[axis]),)
+    for name, value in params.items():
+        check_shape(op, name, value, channels, f"x has {channels[0]} channels on axis {axis}")
+    return axis
+
+
+def check_feature_params(op: str, x: Any, axes: Any, params: dict[str, Any]) -> tuple[int, ...]:
+    """x is non-empty; every given entry of ``params`` (weight, bias) has x's shape on the
+    normalized ``axes``.  Returns the normalized axes."""
+    check_ndim(op, "x", x, min_ndim=1)
+    check_nonempty(op, "x", x)
+    axes = normalize_axes(op, "axes", axes, x.ndim)
+    normalized_shape = tuple(int(x.shape[a]) for a in axes)
+    for name, value in params.items():
+        check_shape(op, name, value, normalized_shape,
+                    f"x has shape {normalized_shape} on the normalized axes {axes}")
+    return axes

@@ -38,7 +38,11 @@ from __future__ import annotations
 from typing import Any
 
 from reference._backend import namespace
-from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axis
+from reference._common import (
+    check_channel_params,
+    check_shape,
+    fail,
+)
 from reference.normalizers._stats import (
     affine,
     expand_to,
@@ -55,22 +59,8 @@ OP = "instance_norm"
 
 
 def _check(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, axis: int) -> int:
-    check_ndim(OP, "x", x, min_ndim=3)
-    check_nonempty(OP, "x", x)
-    axis = normalize_axis(OP, "axis", axis, x.ndim)
-    if axis == 0:
-        fail(OP, f"axis={axis} is the batch axis; the channel axis must be one of 1..{x.ndim - 1} "
-                 f"(or negative), x has shape {tuple(x.shape)}")
-    channels = (int(x.shape[axis]),)
-    why = f"x has {channels[0]} channels on axis {axis}"
-    for name, value in (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        check_shape(OP, name, value, channels, why)
-    return axis
+    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
+    return check_channel_params(OP, x, axis, params, min_ndim=3, not_batch=True)
 
 
 def _uses_instance_stats(training: bool, track_running_stats: bool) -> bool:

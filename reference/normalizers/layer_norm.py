@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._common import check_ndim, check_nonempty, check_shape, normalize_axes
+from reference._common import check_feature_params, check_shape
 from reference.normalizers._stats import affine, expand_to, other_axes, standardize, standardize_vjp, sum_over
 from reference.registry import oracle_function, oracle_vjp
 
@@ -45,14 +45,7 @@ OP = "layer_norm"
 
 
 def _check(x: Any, weight: Any, bias: Any, axes: tuple[int, ...]) -> tuple[int, ...]:
-    check_ndim(OP, "x", x, min_ndim=1)
-    check_nonempty(OP, "x", x)
-    axes = normalize_axes(OP, "axes", axes, x.ndim)
-    normalized_shape = tuple(int(x.shape[a]) for a in axes)
-    why = f"x has shape {normalized_shape} on the normalized axes {axes}"
-    check_shape(OP, "weight", weight, normalized_shape, why)
-    check_shape(OP, "bias", bias, normalized_shape, why)
-    return axes
+    return check_feature_params(OP, x, axes, {"weight": weight, "bias": bias})
 
 
 @oracle_function(OP)

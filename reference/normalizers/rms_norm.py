@@ -58,7 +58,7 @@ from __future__ import annotations
 from typing import Any
 
 from reference._backend import namespace
-from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axes
+from reference._common import check_feature_params, check_shape, fail
 from reference.normalizers._stats import expand_to, other_axes, reduction_size, sum_over
 from reference.registry import oracle_function, oracle_vjp
 
@@ -67,13 +67,7 @@ OP = "rms_norm"
 
 def _check(x: Any, weight: Any, bias: Any, axes: tuple[int, ...], p: float) -> tuple[tuple[int, ...], int]:
     """Validate shapes; return the normalized axes and k, the number of values in the statistic."""
-    check_ndim(OP, "x", x, min_ndim=1)
-    check_nonempty(OP, "x", x)
-    axes = normalize_axes(OP, "axes", axes, x.ndim)
-    normalized_shape = tuple(int(x.shape[a]) for a in axes)
-    why = f"x has shape {normalized_shape} on the normalized axes {axes}"
-    check_shape(OP, "weight", weight, normalized_shape, why)
-    check_shape(OP, "bias", bias, normalized_shape, why)
+    axes = check_feature_params(OP, x, axes, {"weight": weight, "bias": bias})
     n = reduction_size(x, axes)
     if p < 0:
         return axes, n
