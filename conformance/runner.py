@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 import reference
-from conformance import tolerance
+from conformance import tolerance, trajectory
 from conformance.adapters import Adapter, Request, Unsupported
 from conformance.cases import FAMILIES, LAYOUTS, Case, as_layout, case_rng, default_cases
 
@@ -59,12 +59,16 @@ class Profile:
     realistic: bool       # keep the spec's realistic-size cases
     random: int           # extra seeded random cases per op (shapes and hyper-parameters)
     timeout: float        # seconds per adapter call
+    trajectory_steps: int = 20  # steps of an optimizer trajectory (conformance/trajectory.py)
 
 
 PROFILES = {
-    "quick": Profile("quick", steps=3, adversarial=False, realistic=False, random=0, timeout=30.0),
-    "default": Profile("default", steps=5, adversarial=True, realistic=True, random=2, timeout=60.0),
-    "thorough": Profile("thorough", steps=10, adversarial=True, realistic=True, random=20, timeout=120.0),
+    "quick": Profile("quick", steps=3, adversarial=False, realistic=False, random=0, timeout=30.0,
+                     trajectory_steps=5),
+    "default": Profile("default", steps=5, adversarial=True, realistic=True, random=2, timeout=60.0,
+                       trajectory_steps=20),
+    "thorough": Profile("thorough", steps=10, adversarial=True, realistic=True, random=20, timeout=120.0,
+                        trajectory_steps=200),
 }
 #: A diagnosis recomputes the bounds under a candidate convention (whose values, and so rounding
 #: errors, can be orders of magnitude from the declared one's) only when the adapter is within this
@@ -183,7 +187,13 @@ def _random_cases(op: str, base: Case, count: int, seed: int) -> list[tuple[str,
 
 
 def _cases_for(op: str, profile: Profile, seed: int) -> list[tuple[str, Case]]:
+    spec = reference.get(op).spec
+    if spec.is_optimizer:
+        return trajectory.optimizer_cases(op, adversarial=profile.adversarial, seed=seed)
     base = default_cases(op, seed)
+    if not spec.differentiable:
+        # Functions of exact inputs (schedules of the step count): the spec's cases only.
+        return [(c.name, c) for c in base]
     cases = [(c.name, c) for c in base if profile.realistic or c.size <= REALISTIC_SIZE]
     small = [c for c in base if c.size <= REALISTIC_SIZE]
     if profile.adversarial and small:
@@ -205,11 +215,14 @@ def plan(
     """Every (op, dtype, case) the adapter will be asked for, in a stable order."""
     prof = PROFILES[profile]
     if max_examples is not None:
-        prof = Profile(prof.name, prof.steps, prof.adversarial, prof.realistic, max_examples, prof.timeout)
+        prof = Profile(prof.name, prof.steps, prof.adversarial, prof.realistic, max_examples, prof.timeout,
+                       prof.trajectory_steps)
     pattern = re.compile(ops) if ops else None
     planned = []
     for op in reference.ops():
-        if pattern and not pattern.search(op):
+        # The pattern is searched in "<family>/<op>": "optim" selects every optimizer,
+        # "normalizers" every normalizer, "^adam$" or "/adam$" one op.
+        if pattern and not (pattern.search(op) or pattern.search(f"{reference.get(op).spec.family}/{op}")):
             continue
         for dtype in dtypes:
             for name, case in _cases_for(op, prof, seed):
@@ -452,7 +465,11 @@ def run_case(
         result.message = f"the adapter's dialect is not valid for this op: {exc}"
         result.verdict = "ERROR"
         return result
-    result.hparams = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()}
+    result.hparams = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()
+                      if not callable(v)}
+    if spec.is_optimizer:
+        _run_trajectory(adapter, planned, prof, op, hp, result, trace, diagnose_fail)
+        return result
     stateful = bool(spec.state)
     steps = prof.steps if stateful else 1
     schedule = _schedule(steps) if stateful and "training" in hp else [hp.get("training", True)] * steps
@@ -516,6 +533,126 @@ def run_case(
     if result.verdict == "FAIL" and diagnose_fail:
         _apply_diagnosis(result, spec, diagnose(op, history))
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer trajectories (conformance/trajectory.py)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Trajectory:
+    """What the oracle's trajectory needs, shared by the run and its diagnosis."""
+
+    op: reference.Op
+    dtype: str
+    seed: int
+    steps: int
+    multipliers: list[float]
+    source: trajectory.GradientSource
+    initial: dict[str, np.ndarray]   # rounded initial parameters {path: w} (float64)
+    hp: dict[str, Any]               # the hyper-parameters with the base lr (schedule: multipliers)
+
+    def hps(self, hp: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{**hp, "lr": hp["lr"] * m} for m in self.multipliers]
+
+    def oracle(self, hp: dict[str, Any], *, with_bounds: bool = True) -> list[trajectory.OracleStep]:
+        hps = self.hps(hp)
+        inputs = {f"params/{p}": v for p, v in self.initial.items()}
+        state0 = _widen(_round(self.op.init_state(inputs, **hps[0]), self.dtype))
+        dtype, op_name = self.dtype, self.op.name
+
+        def baseline(h: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            request = Request(op_name, dtype, {}, {}, dict(h), None)
+            return _baseline(request, h, arrays)
+
+        return trajectory.oracle_trajectory(
+            self.op, hps, self.initial, state0, self.source, self.dtype, self.seed, baseline,
+            lambda h: _oracle(self.op, h), with_bounds=with_bounds)
+
+
+def _run_trajectory(
+    adapter: Adapter, planned: PlannedCase, prof: Profile, op: reference.Op, hp: dict[str, Any],
+    result: CaseResult, trace: list | None, diagnose_fail: bool,
+) -> None:
+    case, dtype = planned.case, planned.dtype
+    steps = int(trajectory.tag(case, "steps") or prof.trajectory_steps)
+    rounded = _round(case.inputs, dtype)
+    if not trajectory.finite(rounded) or not trajectory.finite(case.inputs):
+        result.verdict, result.message = "MISTRUSTED", f"the parameters overflow {dtype} when rounded to it"
+        return
+    run = _Trajectory(op, dtype, planned.seed, steps,
+                      trajectory.schedule_multipliers(trajectory.tag(case, "schedule", "constant"), steps),
+                      trajectory.source_of(case),
+                      {k[len("params/"):]: v for k, v in _widen(rounded).items()}, hp)
+    t0 = time.perf_counter()
+    try:
+        oracle = run.oracle(hp)
+    except (TypeError, ValueError) as exc:
+        result.verdict = "SKIP"
+        result.message = f"the oracle rejects this case under the adapter's dialect: {exc}"
+        return
+    result.seconds_oracle += time.perf_counter() - t0
+    n = max(int(v.size) for v in run.initial.values())
+    params = _round(run.initial, dtype)
+    state: dict[str, np.ndarray] = _round(
+        {k[len("state."):]: v for k, v in oracle[0].arrays.items() if k.startswith("state.")}, dtype)
+    history: list[_Step] = []
+    for k, ostep in enumerate(oracle):
+        grads = run.source(_widen(params), k)
+        grads = _round(grads, dtype)
+        inputs = {**{f"params/{p}": v for p, v in params.items()},
+                  **{f"grads/{p}": v for p, v in grads.items()}}
+        request = Request(planned.op, dtype, inputs, dict(state), dict(ostep.hp), None)
+        t0 = time.perf_counter()
+        try:
+            response = _call_with_timeout(lambda r=request: adapter.evaluate(planned.op, r), prof.timeout)
+        except Unsupported as exc:
+            result.verdict, result.message = "SKIP", f"unsupported: {exc}"
+            return
+        except Exception as exc:  # noqa: BLE001 - any adapter fault is this case's ERROR
+            result.seconds_adapter += time.perf_counter() - t0
+            result.verdict, result.step = "ERROR", k
+            result.message = f"step {k}: the adapter raised {type(exc).__name__}: {exc}"
+            return
+        result.seconds_adapter += time.perf_counter() - t0
+        actual = _flatten_response(response)
+        comps = _judge(actual, ostep.expected, ostep.bounds, dtype)
+        history.append(_Step(ostep.hp, dtype, ostep.arrays, actual, ostep.bounds, comps, request, n,
+                             planned.seed))
+        if trace is not None:
+            trace.append({"step": k, "hparams": ostep.hp, "arrays": ostep.arrays,
+                          "expected": ostep.expected, "actual": actual, "bounds": ostep.bounds,
+                          "comparisons": comps})
+        if any(c.status == "error" for c in comps):
+            break  # a missing or non-finite quantity: the trajectory cannot go on
+        params = {p: np.asarray(response.outputs[f"params/{p}"]) for p in params}
+        state = {key: np.asarray(v) for key, v in (response.state or {}).items()}
+    result.steps = len(history)
+    _summarize(result, history)
+    if result.verdict == "FAIL" and diagnose_fail:
+        _apply_diagnosis(result, op.spec, _diagnose_trajectory(run, history))
+
+
+def _explains_trajectory(run: _Trajectory, history: list[_Step], change: dict[str, Any]) -> bool:
+    """Whether the adapter's recorded trajectory passes against the oracle's under ``change``."""
+    try:
+        hp = run.op.spec.resolve({**run.hp, **change})
+        quick = run.oracle(hp, with_bounds=False)
+    except (TypeError, ValueError):
+        return False
+    for s, q in zip(history, quick, strict=False):
+        comps = _judge(s.actual, q.expected, s.bounds, s.dtype)
+        if _status(comps) != "PASS" and max(c.ratio for c in comps) > RECHECK_RATIO:
+            return False
+    full = run.oracle(hp)
+    return all(_status(_judge(s.actual, f.expected, f.bounds, s.dtype)) == "PASS"
+               for s, f in zip(history, full, strict=False))
+
+
+def _diagnose_trajectory(run: _Trajectory, history: list[_Step]) -> list[dict[str, Any]]:
+    """:func:`diagnose` for a trajectory: the oracle's whole trajectory is recomputed per candidate."""
+    return _search_knobs(run.op, history[0].hp, lambda change: _explains_trajectory(run, history, change))
 
 
 def _apply_diagnosis(result: CaseResult, spec: reference.Spec, found: list[dict[str, Any]]) -> None:
@@ -620,11 +757,16 @@ def diagnose(op: reference.Op, history: list[_Step]) -> list[dict[str, Any]]:
     else the first pair that does.  Convention switches (knobs with an ``allowed`` set) are tried
     before numeric values, so ``momentum_convention='old_weight'`` is named before its numeric
     twin ``momentum=0.9``."""
+    return _search_knobs(op, history[0].hp, lambda change: _explains(op, history, change))
+
+
+def _search_knobs(op: reference.Op, current: dict[str, Any],
+                  explains: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """Every single knob value that ``explains`` the results, else the first pair that does."""
     spec = op.spec
     knobs = sorted(dialect_knobs(op.name).items(), key=lambda kv: spec.hparams[kv[0]].allowed is None)
-    current = history[0].hp
     singles = [{k: v} for k, vals in knobs for v in vals if v != current.get(k)]
-    found = [change for change in singles if _explains(op, history, change)]
+    found = [change for change in singles if explains(change)]
     if found:
         return found
     for (k1, vals1), (k2, vals2) in itertools.combinations(knobs, 2):
@@ -632,7 +774,7 @@ def diagnose(op: reference.Op, history: list[_Step]) -> list[dict[str, Any]]:
             if v1 == current.get(k1) or v2 == current.get(k2):
                 continue
             change = {k1: v1, k2: v2}
-            if _explains(op, history, change):
+            if explains(change):
                 return [change]
     return []
 

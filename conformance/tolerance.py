@@ -86,6 +86,7 @@ __all__ = [
     "Comparison",
     "bound",
     "compare",
+    "propagate",
     "sensitivity",
 ]
 
@@ -119,20 +120,28 @@ def sensitivity(
     *,
     seed: int = 0,
     center: dict[str, np.ndarray] | None = None,
+    groups: dict[str, str | None] | None = None,
+    directions: str = "gaussian",
 ) -> dict[str, np.ndarray]:
     """Per-element first-order change of each quantity under relative perturbations of ``arrays``.
 
     ``evaluate`` maps float64 arrays to a flat dict of float64 quantities (the oracle);
-    ``center`` is ``evaluate(arrays)`` if already known.  See the module docstring.
+    ``center`` is ``evaluate(arrays)`` if already known.  ``groups`` (optional) maps an array's
+    name to a probe group: the arrays of one group are perturbed together (each along its own
+    direction), ``None`` marks an exact array (a step count) that is never perturbed; without it
+    every array is its own group.  ``directions="sign"`` moves every element by exactly
+    ``e |a_i|`` with a random sign (for an elementwise map this reads ``|J_ii| |a_i|`` exactly: the
+    optimizers); the default Gaussian directions suit reductions (see the module docstring).
     """
     rng = np.random.default_rng([seed, 0x5E45])
     center = evaluate(arrays) if center is None else center
     total = {key: np.zeros(np.shape(v)) for key, v in center.items()}
-    for name, value in arrays.items():
+    for members in _probe_groups(arrays, groups):
         best = {key: np.zeros(np.shape(v)) for key, v in center.items()}
         for _, e in itertools.product(range(PROBES), RELATIVE_STEPS):
-            r = rng.standard_normal(np.shape(value))
-            moved = evaluate({**arrays, name: value + e * np.abs(value) * r})
+            moved = evaluate({**arrays, **{name: arrays[name] + e * np.abs(arrays[name])
+                                           * _direction(rng, np.shape(arrays[name]), directions)
+                                           for name in members}})
             for key, base in center.items():
                 with np.errstate(invalid="ignore", over="ignore"):
                     s = np.abs(np.asarray(moved[key]) - np.asarray(base)) / e
@@ -142,21 +151,86 @@ def sensitivity(
     return total
 
 
+def _direction(rng: np.random.Generator, shape: tuple[int, ...], kind: str) -> np.ndarray:
+    if kind == "sign":
+        return rng.choice(np.array([-1.0, 1.0]), size=shape)
+    return rng.standard_normal(shape)
+
+
+def _probe_groups(arrays: dict[str, np.ndarray], groups: dict[str, str | None] | None) -> list[list[str]]:
+    if groups is None:
+        return [[name] for name in arrays]
+    found: dict[str, list[str]] = {}
+    for name in arrays:
+        group = groups.get(name, name)
+        if group is not None:
+            found.setdefault(group, []).append(name)
+    return list(found.values())
+
+
+def propagate(
+    evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    arrays: dict[str, np.ndarray],
+    incoming: dict[str, np.ndarray],
+    *,
+    seed: int = 0,
+    center: dict[str, np.ndarray] | None = None,
+    groups: dict[str, str | None] | None = None,
+) -> dict[str, np.ndarray]:
+    """How far errors already in the inputs carry into the outputs: ``|J| b`` per element.
+
+    ``incoming[name]`` bounds the error an implementation may already carry in ``arrays[name]``
+    (the bound of the previous step of a trajectory).  Each probe group is moved by ``b`` times a
+    random sign per element (for an elementwise map this reads ``|J_ii| b_i`` exactly; for a
+    coupled one the typical size), scaled by t into the first-order regime (``t b`` about 2^-20
+    of the array's magnitude, far above float64 rounding) and divided by t; the groups' effects
+    are summed so they cannot cancel.  Arrays without an incoming bound, or with a zero one, are
+    not moved.
+    """
+    rng = np.random.default_rng([seed, 0x9A0B])
+    center = evaluate(arrays) if center is None else center
+    total = {key: np.zeros(np.shape(v)) for key, v in center.items()}
+    for members in _probe_groups(arrays, groups):
+        moved_names = [n for n in members if n in incoming and np.any(incoming[n] > 0)]
+        if not moved_names:
+            continue
+        scale = max(float(np.max(np.abs(arrays[n]))) for n in moved_names)
+        biggest = max(float(np.max(incoming[n])) for n in moved_names)
+        if not (math.isfinite(scale) and math.isfinite(biggest)) or biggest == 0.0:
+            continue
+        t = min(1.0, RELATIVE_STEPS[0] * max(scale, biggest) / biggest)
+        sign = {n: _direction(rng, np.shape(arrays[n]), "sign") for n in moved_names}
+        moved = evaluate({**arrays, **{n: arrays[n] + t * incoming[n] * sign[n]
+                                       for n in moved_names}})
+        for key, base in center.items():
+            with np.errstate(invalid="ignore", over="ignore"):
+                s = np.abs(np.asarray(moved[key]) - np.asarray(base)) / t
+            total[key] = total[key] + np.where(np.isfinite(s), s, 0.0)
+    return total
+
+
 def bound(
     oracle_value: np.ndarray,
     sens: np.ndarray,
     dtype: str,
     n: int,
     baseline_error: np.ndarray | None = None,
+    *,
+    rms_floor: bool = True,
 ) -> np.ndarray:
     """The per-element bound of the module docstring.
 
     ``baseline_error``: |float32 evaluation of the same formulas - oracle| (unscaled).
+    ``rms_floor=False`` drops the shared-term floor, for maps that are elementwise (or per
+    tensor) by construction and whose sensitivities were read along sign directions: there an
+    element's sensitivity is exact, and the floor would lend a tiny second moment the error of
+    its largest neighbour (which 1/sqrt(v) then magnifies on the next step).
     """
     u_out = UNIT_ROUNDOFF[dtype]
     u_acc = min(u_out, UNIT_ROUNDOFF["float32"])
     half = u_out > UNIT_ROUNDOFF["float32"]
-    sens = np.maximum(sens, _rms(sens))  # shared intermediate terms spread their error: see above
+    if rms_floor:
+        sens = np.maximum(sens, _rms(sens))  # shared intermediate terms spread their error: above
     derived = u_acc * math.sqrt(max(n, 1)) * sens + u_out * (np.abs(oracle_value) + (sens if half else 0.0))
     if baseline_error is not None and np.shape(baseline_error) == np.shape(oracle_value):
         scaled = np.asarray(baseline_error, dtype=np.float64) * (u_acc / UNIT_ROUNDOFF["float32"])

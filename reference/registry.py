@@ -32,6 +32,17 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   optional ``hparams`` (overrides) and ``dialect``.  The harness and the generic
                   tests draw standard-normal values for these shapes (conformance/cases.py).
 
+Optimizer specs (``kind = "optimizer"``, family ``optimizers``) differ in four keys: ``step`` and
+``init`` (``"module:callable"``) replace ``function``/``vjp``/``init_state``; ``[[slots]]``
+(``name``, ``per`` = ``"param"`` | ``"global"``, ``shape``, ``doc``) replace ``[[state]]``; there are
+no ``[[inputs]]``/``[[outputs]]`` (they are always ``params`` and ``grads`` -> ``params``); and a
+case gives ``params`` (path -> shape), ``gradients`` (``fixed`` | ``quadratic`` | ``rosenbrock``),
+optional ``steps``, ``schedule`` and ``tags`` instead of ``shapes``.  The functions are pure
+functions over flat dict pytrees (see ``reference/optimizers/__init__.py``).  For the harness an
+optimizer op is also an ordinary op over *flat* arrays: inputs ``params/<path>`` and
+``grads/<path>``, state ``<slot>/<path>`` (per-param slots) or ``<slot>`` (global ones), output
+``params/<path>``; :meth:`Op.apply` and :meth:`Op.init_state` speak that form.
+
 Public entry points: :func:`ops`, :func:`get`, :func:`load_spec`, and the decorators
 :func:`oracle_function` / :func:`oracle_vjp` that make the human API validate its
 hyper-parameters against the same spec and promote its arrays to float64.
@@ -68,12 +79,15 @@ __all__ = [
     "load_spec",
     "ops",
     "oracle_function",
+    "oracle_optimizer",
     "oracle_vjp",
     "specs_dir",
 ]
 
 BACKWARD_KINDS = ("exact", "custom", "surrogate")
-HPARAM_TYPES = ("float", "int", "bool", "str", "axes")
+HPARAM_TYPES = ("float", "int", "bool", "str", "axes", "mask")
+KINDS = ("op", "optimizer")
+GRADIENT_SOURCES = ("fixed", "quadratic", "rosenbrock")
 NONE_SENTINEL = "None"
 
 
@@ -108,6 +122,8 @@ class TensorSpec:
     differentiable: bool = False
     optional: bool = False
     doc: str = ""
+    per: str = ""   # optimizer slots: "param" (one array per parameter) or "global" (a scalar)
+    exact: bool = False  # integer-valued (a step count): read exactly, never rounding-perturbed
 
 
 @dataclass(frozen=True)
@@ -147,7 +163,7 @@ class HParam:
                 return None
             raise ValueError(f"{where} must be {self.domain()}, got None")
         value = _check_type(where, self.type, value)
-        if self.allowed is not None and value not in self.allowed:
+        if self.allowed is not None and not callable(value) and value not in self.allowed:
             raise ValueError(f"{where} must be {self.domain()}, got {value!r}")
         if self.type in ("float", "int"):
             bad = (
@@ -185,6 +201,13 @@ def _check_type(where: str, kind: str, value: Any) -> Any:
                     f"{where} must be a float, got {type(value).__name__} {value!r}"
                 ) from None
         return float(value)
+    if kind == "mask":
+        # A parameter mask: the name of a predicate of reference.optimizers._tree.MASKS, or a
+        # callable (path, array) -> bool (Python API only; TOML cannot hold one).
+        if isinstance(value, str) or callable(value):
+            return value
+        raise TypeError(f"{where} must be a mask name or a callable (path, array) -> bool, "
+                        f"got {type(value).__name__} {value!r}")
     if kind == "axes":
         items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
         try:
@@ -218,6 +241,11 @@ class Spec:
     hparams: dict[str, HParam]
     dialects: dict[str, dict[str, Any]] = field(default_factory=dict)
     cases: tuple[dict[str, Any], ...] = ()
+    kind: str = "op"
+
+    @property
+    def is_optimizer(self) -> bool:
+        return self.kind == "optimizer"
 
     @property
     def differentiable(self) -> tuple[str, ...]:
@@ -261,7 +289,7 @@ def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wher
 
 def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec, ...]:
     out = []
-    allowed = {"name", "shape", "differentiable", "optional", "doc"}
+    allowed = {"name", "shape", "differentiable", "optional", "doc", "exact"}
     for i, item in enumerate(data.get(key, [])):
         w = f"{where} [[{key}]] #{i}"
         if not isinstance(item, dict):
@@ -276,8 +304,29 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
                 differentiable=bool(item.get("differentiable", False)),
                 optional=bool(item.get("optional", False)),
                 doc=str(item.get("doc", "")),
+                exact=bool(item.get("exact", False)),
             )
         )
+    return tuple(out)
+
+
+def _slots(data: Mapping[str, Any], where: str) -> tuple[TensorSpec, ...]:
+    """An optimizer's ``[[slots]]``: its state, one array per parameter or one global scalar."""
+    out = []
+    allowed = {"name", "per", "shape", "doc", "exact"}
+    for i, item in enumerate(data.get("slots", [])):
+        w = f"{where} [[slots]] #{i}"
+        if not isinstance(item, dict):
+            raise SpecError(f"{w}: must be a table")
+        extra = set(item) - allowed
+        if extra:
+            raise SpecError(f"{w}: unknown keys {sorted(extra)}; allowed {sorted(allowed)}")
+        per = _need(item, "per", str, w)
+        if per not in ("param", "global"):
+            raise SpecError(f"{w}: per must be 'param' or 'global', got {per!r}")
+        out.append(TensorSpec(name=_need(item, "name", str, w), shape=_need(item, "shape", str, w),
+                              doc=str(item.get("doc", "")), per=per,
+                              exact=bool(item.get("exact", False))))
     return tuple(out)
 
 
@@ -340,35 +389,20 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
         code=_need(cit, "code", str, f"{where} [citation]"),
         notes=str(cit.get("notes", "")),
     )
-    backward = _need(data, "backward", str, where)
-    if backward not in BACKWARD_KINDS:
-        raise SpecError(f"{where}: backward must be one of {BACKWARD_KINDS}, got {backward!r}")
+    kind = data.get("kind", "op")
+    if kind not in KINDS:
+        raise SpecError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
     hparams_raw = data.get("hparams", {})
     if not isinstance(hparams_raw, dict):
         raise SpecError(f"{where}: [hparams] must be a table")
     hparams = {k: _hparam(k, v, where) for k, v in hparams_raw.items()}
-    state = _tensors(data, "state", where)
-    spec = Spec(
-        name=name,
-        family=_need(data, "family", str, where),
-        summary=_need(data, "summary", str, where),
-        path=path,
-        citation=citation,
-        function=_need(data, "function", str, where),
-        vjp=_need(data, "vjp", str, where),
-        init_state=data.get("init_state"),
-        backward=backward,
-        tolerance=_need(data, "tolerance", str, where),
-        properties=tuple(data.get("properties", ())),
-        inputs=_tensors(data, "inputs", where),
-        state=state,
-        outputs=_tensors(data, "outputs", where),
-        hparams=hparams,
-        dialects={},
-    )
+    if kind == "optimizer":
+        spec = _optimizer_spec(data, name, path, citation, hparams, where)
+    else:
+        spec = _op_spec(data, name, path, citation, hparams, where)
     if not spec.inputs or not spec.outputs:
         raise SpecError(f"{where}: needs at least one [[inputs]] and one [[outputs]]")
-    if state and not spec.init_state:
+    if spec.state and not spec.init_state:
         raise SpecError(f"{where}: has [[state]] but no 'init_state'")
     for d_name, table in data.get("dialects", {}).items():
         w = f"{where} [dialects.{d_name}]"
@@ -390,8 +424,116 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
             "notes": str(table.get("notes", "")),
             "hparams": values,
         }
-    spec = Spec(**{**spec.__dict__, "cases": _cases(data, spec, where)})
-    return spec
+    cases = _optimizer_cases(data, spec, where) if kind == "optimizer" else _cases(data, spec, where)
+    return Spec(**{**spec.__dict__, "cases": cases})
+
+
+def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
+             hparams: dict[str, HParam], where: str) -> Spec:
+    backward = _need(data, "backward", str, where)
+    if backward not in BACKWARD_KINDS:
+        raise SpecError(f"{where}: backward must be one of {BACKWARD_KINDS}, got {backward!r}")
+    return Spec(
+        name=name,
+        family=_need(data, "family", str, where),
+        summary=_need(data, "summary", str, where),
+        path=path,
+        citation=citation,
+        function=_need(data, "function", str, where),
+        vjp=_need(data, "vjp", str, where),
+        init_state=data.get("init_state"),
+        backward=backward,
+        tolerance=_need(data, "tolerance", str, where),
+        properties=tuple(data.get("properties", ())),
+        inputs=_tensors(data, "inputs", where),
+        state=_tensors(data, "state", where),
+        outputs=_tensors(data, "outputs", where),
+        hparams=hparams,
+        dialects={},
+    )
+
+
+#: The fixed signature of every optimizer, as tensors of the generic op contract.
+OPTIMIZER_INPUTS = (
+    TensorSpec("params", "dict path -> array (the parameters w)"),
+    TensorSpec("grads", "dict path -> array, the shapes of params (the gradients g)"),
+)
+OPTIMIZER_OUTPUTS = (TensorSpec("params", "the updated parameters, the shapes of params"),)
+
+
+def _optimizer_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
+                    hparams: dict[str, HParam], where: str) -> Spec:
+    for key in ("function", "vjp", "init_state", "inputs", "outputs", "state"):
+        if key in data:
+            raise SpecError(f"{where}: an optimizer spec has no {key!r} (use step, init, [[slots]])")
+    if "lr" not in hparams:
+        raise SpecError(f"{where}: an optimizer spec needs a [hparams.lr]")
+    return Spec(
+        name=name,
+        family=_need(data, "family", str, where),
+        summary=_need(data, "summary", str, where),
+        path=path,
+        citation=citation,
+        function=_need(data, "step", str, where),
+        vjp="",
+        init_state=_need(data, "init", str, where),
+        backward="exact",
+        tolerance=str(data.get("tolerance", "elementwise")),
+        properties=tuple(data.get("properties", ())),
+        inputs=OPTIMIZER_INPUTS,
+        state=_slots(data, where),
+        outputs=OPTIMIZER_OUTPUTS,
+        hparams=hparams,
+        dialects={},
+        kind="optimizer",
+    )
+
+
+def _optimizer_cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, Any], ...]:
+    out = []
+    allowed = {"name", "params", "gradients", "steps", "schedule", "tags", "hparams", "dialect"}
+    for i, item in enumerate(data.get("cases", [])):
+        w = f"{where} [[cases]] #{i}"
+        if not isinstance(item, dict):
+            raise SpecError(f"{w}: must be a table")
+        extra = set(item) - allowed
+        if extra:
+            raise SpecError(f"{w}: unknown keys {sorted(extra)}; allowed {sorted(allowed)}")
+        name = _need(item, "name", str, w)
+        params = _need(item, "params", dict, w)
+        if not params:
+            raise SpecError(f"{w}: params must name at least one parameter")
+        for key, shape in params.items():
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
+                raise SpecError(f"{w}: shape of parameter {key!r} must be a list of positive ints")
+        gradients = item.get("gradients", "fixed")
+        if gradients not in GRADIENT_SOURCES:
+            raise SpecError(f"{w}: gradients must be one of {GRADIENT_SOURCES}, got {gradients!r}")
+        steps = item.get("steps")
+        if steps is not None and (not isinstance(steps, int) or steps < 1):
+            raise SpecError(f"{w}: steps must be a positive int, got {steps!r}")
+        dialect = item.get("dialect")
+        if dialect is not None and dialect not in spec.dialects:
+            raise SpecError(f"{w}: unknown dialect {dialect!r}")
+        raw = {k: _unsentinel(spec.hparams.get(k), v) for k, v in item.get("hparams", {}).items()}
+        try:
+            hparams = spec.resolve(raw, dialect=dialect)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"{w}: {exc}") from None
+        overrides = {**(spec.dialects[dialect]["hparams"] if dialect else {}),
+                     **{k: hparams[k] for k in raw}}
+        out.append({"name": name, "params": {k: tuple(v) for k, v in params.items()},
+                    "shapes": {k: tuple(v) for k, v in params.items()},
+                    "gradients": gradients, "steps": steps,
+                    "schedule": str(item.get("schedule", "constant")),
+                    "tags": tuple(item.get("tags", ())),
+                    "hparams": hparams, "overrides": overrides, "dialect": dialect})
+    names = [c["name"] for c in out]
+    if len(set(names)) != len(names):
+        raise SpecError(f"{where}: case names repeat: {names}")
+    if not out:
+        raise SpecError(f"{where}: an optimizer spec needs at least one [[cases]]")
+    return tuple(out)
 
 
 def _unsentinel(param: HParam | None, value: Any) -> Any:
@@ -544,8 +686,81 @@ class Op:
             raise TypeError(f"{spec.name}: this op has no state, got state keys {sorted(state)}")
         return arrays, promoted
 
+    # Optimizers: the pytree API and the flat form the harness speaks ------------------------
+
+    def init(self, params: Mapping[str, Any], **hparams: Any) -> dict[str, Any]:
+        """An optimizer's initial state for ``params`` (a dict pytree)."""
+        self._need_optimizer("init")
+        return _resolve_callable(self.spec.init_state, f"{self.spec.path} init")(params, **hparams)
+
+    def step(self, params: Mapping[str, Any], grads: Mapping[str, Any],
+             state: Mapping[str, Any] | None = None, **hparams: Any) -> tuple[Any, dict[str, Any]]:
+        """One optimizer step: ``(new_params, new_state)``; ``state=None`` starts from ``init``."""
+        self._need_optimizer("step")
+        if state is None:
+            state = self.init(params, **hparams)
+        return self.function(params, grads, state, **hparams)
+
+    @property
+    def spec_init(self) -> Callable[..., Any]:
+        """An optimizer's decorated ``init`` function."""
+        return _resolve_callable(self.spec.init_state, f"{self.spec.path} init")
+
+    def _need_optimizer(self, what: str) -> None:
+        if not self.spec.is_optimizer:
+            raise TypeError(f"{self.name} is not an optimizer; {what}() is for optimizers")
+
+    def flat_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """Pytree state -> ``{"<slot>/<path>": array, "<global slot>": array}``."""
+        out: dict[str, Any] = {}
+        for slot in self.spec.state:
+            if slot.name not in state:
+                continue
+            value = state[slot.name]
+            if slot.per == "param":
+                out.update({f"{slot.name}/{p}": v for p, v in value.items()})
+            else:
+                out[slot.name] = value
+        return out
+
+    def tree_state(self, flat: Mapping[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`flat_state`."""
+        out: dict[str, Any] = {}
+        slots = {s.name: s for s in self.spec.state}
+        for key, value in flat.items():
+            name, _, path = key.partition("/")
+            if name not in slots:
+                raise TypeError(f"{self.name}: unknown state {key!r}; slots are {sorted(slots)}")
+            if slots[name].per == "param":
+                out.setdefault(name, {})[path] = value
+            else:
+                out[name] = value
+        return out
+
+    @staticmethod
+    def split_flat(inputs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``{"params/p": w, "grads/p": g}`` -> ``({p: w}, {p: g})``."""
+        parts: dict[str, dict[str, Any]] = {"params": {}, "grads": {}}
+        for key, value in inputs.items():
+            kind, _, path = key.partition("/")
+            if kind not in parts or not path:
+                raise TypeError(f"optimizer inputs are 'params/<path>' and 'grads/<path>', got {key!r}")
+            parts[kind][path] = value
+        return parts["params"], parts["grads"]
+
+    def _apply_optimizer(self, inputs: Mapping[str, Any], state: Mapping[str, Any] | None,
+                         hp: dict[str, Any]) -> tuple[Outputs, dict[str, Any]]:
+        params, grads = self.split_flat(inputs)
+        tree = self.tree_state(state) if state else None
+        new_params, new_state = self.step(params, grads, tree, **hp)
+        return (Outputs({f"params/{p}": v for p, v in new_params.items()}),
+                self.flat_state(new_state))
+
     def init_state(self, inputs: Mapping[str, Any], **hparams: Any) -> dict[str, Any]:
-        """The initial state for these inputs (empty for stateless ops)."""
+        """The initial state for these inputs (empty for stateless ops; flat for optimizers)."""
+        if self.spec.is_optimizer:
+            params, _ = self.split_flat({k: v for k, v in inputs.items() if k.startswith("params/")})
+            return self.flat_state(self.init(params, **hparams))
         if not self.spec.state:
             return {}
         hp = self.spec.resolve(hparams)
@@ -566,6 +781,8 @@ class Op:
         ``init_state``.  ``outputs.promoted`` records inputs that were not float64.
         """
         hp = self.spec.resolve(hparams)
+        if self.spec.is_optimizer:
+            return self._apply_optimizer(inputs, state, hp)
         arrays, promoted = self._arrays(inputs, state, hp)
         result = self.function(**arrays, **hp)
         outputs, new_state = _split_state_result(self.spec, result)
@@ -598,9 +815,14 @@ class Op:
         return dict(self.vjp_function(**cts, **arrays, **hp))
 
 
-def ops() -> list[str]:
-    """Names of all registered ops, sorted."""
-    return sorted(_all_specs())
+def ops(family: str | None = None) -> list[str]:
+    """Names of the registered ops (of one ``family``: "normalizers", "optimizers"), sorted."""
+    specs = _all_specs()
+    if family is not None:
+        families = sorted({s.family for s in specs.values()})
+        if family not in families:
+            raise ValueError(f"unknown family {family!r}; known: {', '.join(families)}")
+    return sorted(n for n, s in specs.items() if family is None or s.family == family)
 
 
 def get(name: str) -> Op:
@@ -647,6 +869,105 @@ def _wrap(op_name: str, kind: str) -> Callable[[Callable[..., Any]], Callable[..
         return wrapper
 
     return decorate
+
+
+def oracle_optimizer(op_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate an optimizer's ``init(params, *, hp)`` or ``step(params, grads, state, *, hp)``.
+
+    Validates the keyword hyper-parameters against the spec, accepts nested dict pytrees
+    (flattened with ``/``; results come back in the structure given), and promotes every leaf of
+    params, grads and the state's per-parameter slots to float64.  Parameter and gradient paths
+    and shapes must agree.  The raw function (no promotion) is ``__wrapped__``.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+        kw_only = [p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from reference.optimizers._tree import flatten, unflatten
+
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{op_name}: {exc}") from None
+            spec = _all_specs()[op_name]
+            hp = spec.resolve({k: bound.arguments[k] for k in kw_only if k in bound.arguments})
+            given = bound.arguments["params"]
+            if not isinstance(given, Mapping) or not given:
+                raise TypeError(f"{op_name}: params must be a non-empty dict of arrays, "
+                                f"got {type(given).__name__}")
+            nested = any(isinstance(v, Mapping) for v in given.values())
+            params = _promote_tree(op_name, "params", flatten(given))
+            call = {"params": params}
+            if "grads" in bound.arguments:
+                grads_in = bound.arguments["grads"]
+                if not isinstance(grads_in, Mapping):
+                    raise TypeError(f"{op_name}: grads must be a dict of arrays, got "
+                                    f"{type(grads_in).__name__}")
+                grads = _promote_tree(op_name, "grads", flatten(grads_in))
+                if set(grads) != set(params):
+                    raise ValueError(f"{op_name}: grads must have the parameters' paths "
+                                     f"{sorted(params)}, got {sorted(grads)}")
+                for path, g in grads.items():
+                    if tuple(g.shape) != tuple(params[path].shape):
+                        raise ValueError(f"{op_name}: grads[{path!r}] must have shape "
+                                         f"{tuple(params[path].shape)}, got {tuple(g.shape)}")
+                call["grads"] = grads
+            if "state" in bound.arguments:
+                call["state"] = _promote_state(spec, bound.arguments["state"], params)
+            result = fn(**call, **hp)
+            if not nested:
+                return result
+            if isinstance(result, tuple):
+                new_params, new_state = result
+                return unflatten(new_params), _nest_state(spec, new_state)
+            return _nest_state(spec, result)
+
+        wrapper.__normref_op__ = (op_name, "optimizer")  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def _promote_tree(op: str, name: str, tree: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for path, value in tree.items():
+        if value is None:
+            raise TypeError(f"{op}: {name}[{path!r}] is None")
+        out[path], _ = as_float64(value, f"{name}[{path!r}]", op=op)
+    return out
+
+
+def _promote_state(spec: Spec, state: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    from reference.optimizers._tree import flatten
+
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{spec.name}: state must be a dict (from init), got {type(state).__name__}")
+    slots = {s.name: s for s in spec.state}
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if key not in slots:
+            raise TypeError(f"{spec.name}: unknown state slot {key!r}; slots are {sorted(slots)}")
+        if slots[key].per == "param":
+            if not isinstance(value, Mapping):
+                raise TypeError(f"{spec.name}: state[{key!r}] must be a dict per parameter")
+            flat = _promote_tree(spec.name, f"state[{key!r}]", flatten(value))
+            if set(flat) != set(params):
+                raise ValueError(f"{spec.name}: state[{key!r}] must have the parameters' paths "
+                                 f"{sorted(params)}, got {sorted(flat)}")
+            out[key] = flat
+        else:
+            out[key], _ = as_float64(value, f"state[{key!r}]", op=spec.name)
+    return out
+
+
+def _nest_state(spec: Spec, state: Mapping[str, Any]) -> dict[str, Any]:
+    from reference.optimizers._tree import unflatten
+
+    per = {s.name for s in spec.state if s.per == "param"}
+    return {k: (unflatten(v) if k in per else v) for k, v in state.items()}
 
 
 def oracle_function(op_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

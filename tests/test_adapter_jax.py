@@ -22,7 +22,7 @@ import reference  # noqa: E402
 from conformance import runner  # noqa: E402
 from conformance.adapters import Request, Unsupported, load_adapter  # noqa: E402
 
-OPS = sorted(reference.ops())
+OPS = sorted(reference.ops("normalizers"))
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +75,13 @@ def test_importing_the_module_neither_imports_torch_nor_enables_x64():
 def test_declares_every_core_normalizer_with_flax_conventions(adapter):
     ops = adapter.ops()
     assert adapter.name == "jax"
-    assert sorted(ops) == OPS
+    assert [op for op in sorted(ops) if op in OPS] == OPS
     assert ops["batch_norm"].dialect == {"momentum_convention": "old_weight",
                                          "running_var_correction": 0, "single_value": "allow"}
     assert ops["spectral_norm"].dialect["eval_mode"] == "iterate_no_store"
     for op, support in ops.items():
+        if op not in OPS:
+            continue  # optimizers and schedules: tests/test_adapters_optim.py
         spec = reference.get(op).spec
         assert set(support.dialect) <= set(spec.hparams), op
         # conventions only: no layout, mode or numeric value is declared

@@ -27,6 +27,9 @@ def test_the_eight_core_normalizers_are_registered():
 def test_spec_agrees_with_function_signatures(name):
     op = reference.get(name)
     spec = op.spec
+    if spec.is_optimizer:
+        _check_optimizer_signatures(op)
+        return
     tensors = [t.name for t in spec.inputs] + [t.name for t in spec.state]
     for fn, leading in (
         (op.function, []),
@@ -41,6 +44,21 @@ def test_spec_agrees_with_function_signatures(name):
             assert spec.hparams[key].default == default, f"{fn.__name__}: default of {key}"
     if spec.state:
         assert spec.init_state, "stateful op without init_state"
+
+
+def _check_optimizer_signatures(op):
+    """init(params, *, hp) and step(params, grads, state, *, hp), hp = the spec's, same defaults."""
+    spec = op.spec
+    for fn, positional_names in ((op.spec_init, ["params"]), (op.function, ["params", "grads", "state"])):
+        params = inspect.signature(fn).parameters.values()
+        positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        kw_only = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+        assert positional == positional_names, f"{fn.__name__}: parameters {positional}"
+        assert list(kw_only) == list(spec.hparams), f"{fn.__name__}: hyper-parameters {list(kw_only)}"
+        for key, default in kw_only.items():
+            assert spec.hparams[key].default == default, f"{fn.__name__}: default of {key}"
+        assert getattr(fn, "__normref_op__", (None,))[0] == spec.name, f"{fn.__name__} is not decorated"
+    assert spec.state, "an optimizer declares its [[slots]]"
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -166,9 +166,29 @@ class JaxAdapter:
         }
 
     def ops(self) -> dict[str, OpSupport]:
-        return {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=APIS[op]) for op in DIALECTS}
+        found = {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=APIS[op]) for op in DIALECTS}
+        for ext in self._extensions():
+            found.update({op: OpSupport(dialect=dict(ext.DIALECTS.get(op, {})),
+                                        dtypes=tuple(ext.DTYPES.get(op, DTYPES)), api=ext.API.get(op, ""))
+                          for op in ext.OPS})
+        return found
+
+    def _extensions(self) -> list[Any]:
+        """The mapping files of the other families: ``_optax_*.py`` next to this module, each with
+        ``OPS`` (op -> fn(request) -> Response), ``DIALECTS``, ``API`` and ``DTYPES``."""
+        import importlib
+
+        from conformance.adapters._optim_common import extension_modules
+
+        return [importlib.import_module(name) for name in extension_modules("_optax_")]
 
     def evaluate(self, op: str, request: Request) -> Response:
+        for ext in self._extensions():
+            if op in ext.OPS:
+                if request.dtype not in ext.DTYPES.get(op, DTYPES):
+                    raise Unsupported(f"dtype {request.dtype}")
+                with self._lock:
+                    return ext.OPS[op](request)
         if op not in DIALECTS:
             raise Unsupported(f"the jax adapter does not implement {op}")
         _require(request.hparams, op)

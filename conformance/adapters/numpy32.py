@@ -40,11 +40,13 @@ class NumPy32Adapter:
 
     def ops(self) -> dict[str, OpSupport]:
         return {name: OpSupport(dialect={}, dtypes=("float32", "float16"), api="reference (same dtype)")
-                for name in reference.ops()}
+                for name in reference.ops()}  # optimizers: float32 (half-precision optimizers: none)
 
     def evaluate(self, op: str, request: Request) -> Response:
         bound = reference.get(op)
         spec = bound.spec
+        if spec.is_optimizer:
+            return self._optimizer(bound, request)
         arrays = {k: _compute(v) for k, v in {**request.inputs, **(request.state or {})}.items()}
         cotangents = {k: _compute(v) for k, v in (request.cotangents or {}).items()}
         with np.errstate(all="ignore"):
@@ -64,6 +66,23 @@ class NumPy32Adapter:
             return {k: np.asarray(v).astype(store) for k, v in tree.items()}
 
         return Response(outputs=out(outputs), state=out(new_state), grads=out(grads))
+
+    @staticmethod
+    def _optimizer(bound: Any, request: Request) -> Response:
+        """One optimizer step with the raw oracle step function on float32 (opmath) leaves."""
+        params, grads = bound.split_flat({k: _compute(v) for k, v in request.inputs.items()})
+        state = bound.tree_state({k: _compute(v) for k, v in (request.state or {}).items()})
+        if not state:
+            state = _raw(bound.spec_init)(params, **request.hparams)
+        with np.errstate(all="ignore"):
+            new_params, new_state = _raw(bound.function)(params, grads, state, **request.hparams)
+        store = next(iter(request.inputs.values())).dtype
+        flat = bound.flat_state(new_state)
+        exact = {s.name for s in bound.spec.state if s.exact}
+        return Response(
+            outputs={f"params/{p}": np.asarray(v).astype(store) for p, v in new_params.items()},
+            state={k: (np.asarray(v, dtype=np.float64) if k.split("/", 1)[0] in exact
+                       else np.asarray(v).astype(store)) for k, v in flat.items()})
 
 
 def make_adapter() -> NumPy32Adapter:

@@ -454,6 +454,16 @@ def _device(device: str | None) -> torch.device:
     return resolved
 
 
+def _extensions() -> list[Any]:
+    """The mapping files of the other families: ``_torch_*.py`` next to this module, each with
+    ``OPS`` (op -> fn(request, device) -> Response), ``DIALECTS``, ``API`` and ``DTYPES``."""
+    import importlib
+
+    from conformance.adapters._optim_common import extension_modules
+
+    return [importlib.import_module(name) for name in extension_modules("_torch_")]
+
+
 class TorchAdapter:
     name = "torch"
 
@@ -468,10 +478,20 @@ class TorchAdapter:
         return info
 
     def ops(self) -> dict[str, OpSupport]:
-        return {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=API[op])
-                for op in _OPS}
+        found = {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=API[op])
+                 for op in _OPS}
+        for ext in _extensions():
+            found.update({op: OpSupport(dialect=dict(ext.DIALECTS.get(op, {})),
+                                        dtypes=tuple(ext.DTYPES.get(op, DTYPES)), api=ext.API.get(op, ""))
+                          for op in ext.OPS})
+        return found
 
     def evaluate(self, op: str, request: Request) -> Response:
+        for ext in _extensions():
+            if op in ext.OPS:
+                if request.dtype not in ext.DTYPES.get(op, DTYPES):
+                    raise Unsupported(f"dtype {request.dtype}")
+                return ext.OPS[op](request, self.device)
         if op not in _OPS:
             raise Unsupported(f"the torch adapter does not implement {op}")
         if request.dtype not in _TORCH_DTYPES:

@@ -1,0 +1,168 @@
+"""optax: one mapping per optimizer op (the jax adapter loads this file's ``OPS``).
+
+Each step builds the optax ``GradientTransformation`` a user would write for the request's
+hyper-parameters (a constant ``learning_rate`` equal to this step's lr: the schedule is applied by
+the harness, which is exact for every optax optimizer since the rate never enters the state
+except through the updates themselves), initializes its state for the parameters, replaces the
+state's fields (``count``, ``mu``, ``nu``, ``trace``, ...) with the request's values, calls
+``update`` and ``optax.apply_updates`` (jitted), and reads the same fields back.  The jax adapter
+enables x64 when it is created, so float64 runs in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from conformance.adapters import Request, Response, Unsupported
+from conformance.adapters._optim_common import OptimizerRequest
+
+_DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
+
+
+class OptaxStep(OptimizerRequest):
+    """One optimizer step in optax."""
+
+    def __init__(self, request: Request) -> None:
+        super().__init__(request)
+        if request.dtype not in _DTYPES:
+            raise Unsupported(f"optax mappings run float64 and float32, not {request.dtype}")
+        self.dtype = _DTYPES[request.dtype]
+        self.jparams = {p: self.array(v) for p, v in self.params.items()}
+        self.jgrads = {p: self.array(v) for p, v in self.grads.items()}
+
+    def array(self, value: np.ndarray) -> Any:
+        return jnp.asarray(np.asarray(value), dtype=self.dtype)
+
+    def mask_tree(self, name: str) -> dict[str, bool]:
+        """A mask hyper-parameter as optax's pytree of bools."""
+        return self.mask(name)
+
+    def slot_tree(self, slot: str) -> dict[str, Any] | None:
+        values = self.slot(slot)
+        return None if values is None else {p: self.array(v) for p, v in values.items()}
+
+    def run(self, tx: optax.GradientTransformation, op: str, fields: dict[str, str], *,
+            count: str | None = "count") -> Response:
+        """Set the state's ``fields`` (optax field -> oracle slot) and ``count`` from the request,
+        update, apply, and read them back."""
+        self.check_all_read(op)
+        state = tx.init(self.jparams)
+        values: dict[str, Any] = {f: self.slot_tree(s) for f, s in fields.items()}
+        values = {f: v for f, v in values.items() if v is not None}
+        if count is not None:
+            values[count] = jnp.asarray(self.step_count, dtype=jnp.int32)
+        state = replace_fields(state, values)
+        updates, new_state = tx.update(self.jgrads, state, self.jparams)
+        new_params = optax.apply_updates(self.jparams, updates)
+        outputs = {f"params/{p}": np.asarray(v) for p, v in new_params.items()}
+        read = read_fields(new_state, [*fields, *([count] if count else [])])
+        out_state: dict[str, np.ndarray] = {"step": np.asarray(float(self.step_count + 1))}
+        for field, slot in fields.items():
+            tree = read.get(field)
+            if isinstance(tree, dict):
+                out_state.update({f"{slot}/{p}": np.asarray(v) for p, v in tree.items()})
+        return Response(outputs=outputs, state=out_state)
+
+
+def replace_fields(state: Any, values: dict[str, Any]) -> Any:
+    """``state`` with every NamedTuple field named in ``values`` replaced (recursively)."""
+    if hasattr(state, "_fields"):
+        changes = {f: values[f] for f in state._fields if f in values}
+        inner = {f: replace_fields(getattr(state, f), values) for f in state._fields
+                 if f not in values}
+        return state._replace(**changes, **inner)
+    if isinstance(state, tuple):
+        return tuple(replace_fields(s, values) for s in state)
+    return state
+
+
+def read_fields(state: Any, names: list[str]) -> dict[str, Any]:
+    """The first value of each NamedTuple field in ``names`` found in ``state``."""
+    found: dict[str, Any] = {}
+
+    def walk(node: Any) -> None:
+        if hasattr(node, "_fields"):
+            for f in node._fields:
+                if f in names and f not in found:
+                    found[f] = getattr(node, f)
+                else:
+                    walk(getattr(node, f))
+        elif isinstance(node, tuple):
+            for s in node:
+                walk(s)
+
+    walk(state)
+    return found
+
+
+def _decay_first(c: OptaxStep, modes: tuple[str, ...] = ("l2",)) -> list[Any]:
+    """``add_decayed_weights`` before the optimizer: L2 folded into the gradient."""
+    c.expect("weight_decay_mode", *modes)
+    wd = c.take("weight_decay")
+    mask = c.mask_tree("weight_decay_mask")
+    return [optax.add_decayed_weights(wd, mask=mask)] if wd else []
+
+
+def sgd(c: OptaxStep) -> Response:
+    c.expect("lr_placement", "outside")
+    c.expect("first_step", "zeros")
+    c.expect("momentum_correction", False)
+    c.expect("dampening", 0.0)
+    chain = _decay_first(c)
+    momentum = c.take("momentum")
+    tx = optax.chain(*chain, optax.sgd(c.take("lr"), momentum=momentum or None,
+                                       nesterov=c.take("nesterov")))
+    return c.run(tx, "sgd", {"trace": "momentum_buffer"}, count=None)
+
+
+def _adam_core(c: OptaxStep) -> tuple[Any, dict[str, str]]:
+    c.expect("adam_eps_mode", "corrected")
+    amsgrad = c.take("amsgrad")
+    b1, b2, eps = c.take("beta1"), c.take("beta2"), c.take("eps")
+    if amsgrad:
+        c.expect("amsgrad_max_of", "corrected")
+        core = optax.scale_by_amsgrad(b1=b1, b2=b2, eps=eps)
+        return core, {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"}
+    c.take("amsgrad_max_of")
+    return optax.scale_by_adam(b1=b1, b2=b2, eps=eps), {"mu": "exp_avg", "nu": "exp_avg_sq"}
+
+
+def adam(c: OptaxStep) -> Response:
+    """optax.adam (optax.amsgrad with amsgrad); L2 decay: add_decayed_weights first."""
+    chain = _decay_first(c)
+    core, fields = _adam_core(c)
+    tx = optax.chain(*chain, core, optax.scale_by_learning_rate(c.take("lr")))
+    return c.run(tx, "adam", fields)
+
+
+def adamw(c: OptaxStep) -> Response:
+    """optax.adamw: scale_by_adam -> add_decayed_weights(wd, mask) -> scale_by_learning_rate."""
+    c.expect("weight_decay_mode", "decoupled_lr")
+    core, fields = _adam_core(c)
+    wd, mask = c.take("weight_decay"), c.mask_tree("weight_decay_mask")
+    tx = optax.chain(core, optax.add_decayed_weights(wd, mask=mask),
+                     optax.scale_by_learning_rate(c.take("lr")))
+    return c.run(tx, "adamw", fields)
+
+
+_MAPPINGS: dict[str, Callable[[OptaxStep], Response]] = {"sgd": sgd, "adam": adam, "adamw": adamw}
+
+OPS: dict[str, Callable[[Request], Response]] = {
+    name: (lambda request, fn=fn: fn(OptaxStep(request))) for name, fn in _MAPPINGS.items()
+}
+DIALECTS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr_placement": "outside", "first_step": "zeros", "momentum_correction": False,
+            "weight_decay_mode": "l2"},
+    "adam": {"adam_eps_mode": "corrected", "amsgrad_max_of": "corrected", "weight_decay_mode": "l2"},
+    "adamw": {"adam_eps_mode": "corrected", "amsgrad_max_of": "corrected",
+              "weight_decay_mode": "decoupled_lr"},
+}
+API = {"sgd": "optax.sgd (+ add_decayed_weights)", "adam": "optax.adam / optax.amsgrad",
+       "adamw": "optax.adamw (scale_by_amsgrad with amsgrad)"}
+DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
+

@@ -1,0 +1,75 @@
+"""What the torch.optim and optax mappings share: reading an optimizer request.
+
+An optimizer request (see ``reference/registry.py``) carries flat arrays: inputs
+``params/<path>`` and ``grads/<path>``, state ``<slot>/<path>`` or ``<slot>``, and the full
+hyper-parameter dict with ``lr`` the learning rate of this step.  A mapping reads every
+hyper-parameter it implements with :meth:`OptimizerRequest.take` (or :meth:`expect` for a
+convention the framework has no switch for); one it did not read makes the request
+Unsupported rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from conformance.adapters import Request, Unsupported
+from reference.optimizers._tree import mask_of
+
+__all__ = ["OptimizerRequest", "extension_modules"]
+
+
+class OptimizerRequest:
+    """The request split into params, grads and state, with hyper-parameter bookkeeping."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        for key, value in request.inputs.items():
+            kind, _, path = key.partition("/")
+            (self.params if kind == "params" else self.grads)[path] = value
+        self.paths = list(self.params)
+        self.state = dict(request.state or {})
+        self.hp = dict(request.hparams)
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken so far (the state's ``step``; 0 when absent)."""
+        value = self.state.get("step")
+        return 0 if value is None else int(round(float(np.asarray(value, dtype=np.float64))))
+
+    def slot(self, name: str) -> dict[str, np.ndarray] | None:
+        """A per-parameter slot ``{path: array}`` of the request's state (None when absent)."""
+        found = {p: self.state[f"{name}/{p}"] for p in self.paths if f"{name}/{p}" in self.state}
+        return found or None
+
+    def take(self, name: str) -> Any:
+        if name not in self.hp:
+            raise Unsupported(f"the request has no hyper-parameter {name!r}")
+        return self.hp.pop(name)
+
+    def expect(self, name: str, *values: Any) -> Any:
+        """A convention with no switch in the framework: any other value is Unsupported."""
+        got = self.take(name)
+        if got not in values:
+            allowed = " or ".join(repr(v) for v in values)
+            raise Unsupported(f"the framework follows {name}={allowed}; it cannot express {got!r}")
+        return got
+
+    def mask(self, name: str) -> dict[str, bool]:
+        """A mask hyper-parameter as ``{path: bool}``."""
+        return mask_of(self.take(name), self.params, name=name)
+
+    def check_all_read(self, op: str) -> None:
+        if self.hp:
+            raise Unsupported(f"the mapping of {op} does not implement {', '.join(sorted(self.hp))}")
+
+
+def extension_modules(prefix: str) -> list[str]:
+    """Module names ``conformance.adapters.<prefix>*`` (the per-family mapping files)."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    return sorted(f"conformance.adapters.{p.stem}" for p in here.glob(f"{prefix}*.py"))

@@ -1,0 +1,299 @@
+"""Trajectory cases: an optimizer checked over T steps, as a user runs it.
+
+A case is an initial set of parameters (several tensors of different shapes, named like a small
+network's: ``conv/weight``, ``bn/bias``, ...), a gradient source, a learning-rate schedule, the
+optimizer's hyper-parameters and T (``Profile.trajectory_steps``: 5 quick, 20 default, 200
+thorough).  Gradient sources:
+
+* ``fixed``: a seeded sequence, independent of the parameters (each tensor with its own scale
+  over two decades).  Adversarial families of this source (``Profile.adversarial``): ``tiny``
+  (x 1e-6: eps dominates, so its placement shows), ``huge`` (x 1e6), ``zero_tensor`` (one
+  tensor's gradient is exactly 0 at every step: the "ratio = 1 if a norm is 0" and "update 0
+  where the accumulator is 0" rules), ``sparse`` (70% exact zeros: sign(0), masked accumulators),
+  ``mixed_scales`` (tensor scales from 1e-4 to 1e4: global norms).
+* ``quadratic``: ``L(w) = sum 0.5 a (w - c)^2`` with per-element curvature a over two decades.
+* ``rosenbrock``: the chained Rosenbrock function of each tensor's elements (scaled: 10 instead
+  of 100), started near its minimum at 1.
+
+For the two model sources the gradient is a function of the parameters, so a framework's
+deviation feeds back into its own next gradient, as in training.
+
+Free-running comparison.  The adapter runs its own trajectory: at step k it receives its own
+parameters and state (as it returned them, in its dtype), the gradient (``fixed``: the rounded
+sequence; model sources: the exact gradient at its own parameters, rounded to the dtype) and
+``lr = lr_0 * schedule(k)``.  The oracle runs the same recipe in float64 from the same rounded
+initial values.  After every step the parameters and every state slot are compared.
+
+Accumulated bound.  The error of step k+1 is the rounding error the step itself makes plus the
+error already present in its inputs, carried through the step map F_k (parameters, state and,
+for model sources, the gradient as a function of the parameters):
+
+    B_{k+1} = b_k + |J_{F_k}| B_k,      B_0 = 0
+
+b_k is the single-step bound of :mod:`conformance.tolerance` at the oracle's point (sensitivity
+of the step to its parameters, gradients and state, each group probed separately; exact counters
+are not perturbed; plus the float32 same-formula baseline).  ``|J| B_k`` is measured by
+:func:`conformance.tolerance.propagate` (random-sign moves of size B_k, first order).  An EMA
+forgets old errors (factor beta per step), a model gradient can amplify them (1 + lr a on the
+quadratic): the bound grows exactly as the trajectory's own conditioning says, never by a tuned
+factor.  Nothing is re-synchronized, so a wrong step shows at that step and stays visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import reference
+from conformance import tolerance
+from conformance.cases import Case, case_rng
+
+__all__ = ["GRADIENT_FAMILIES", "SCHEDULES", "GradientSource", "OracleStep", "optimizer_cases",
+           "oracle_trajectory", "schedule_multipliers"]
+
+#: Adversarial families of the fixed gradient source (see the module docstring).
+GRADIENT_FAMILIES = ("tiny", "huge", "zero_tensor", "sparse", "mixed_scales")
+SCHEDULES = ("constant", "drop", "warmup")
+ROSENBROCK_A = 10.0
+
+
+def schedule_multipliers(name: str, steps: int) -> list[float]:
+    """lr_k / lr_0 for k = 0..steps-1: ``constant``; ``drop`` (x0.1 from the middle step on:
+    a change mid-run); ``warmup`` (linear from 1/W to 1 over W = max(1, steps // 4) steps, as
+    Goyal et al.'s gradual warmup, then constant)."""
+    if name == "constant":
+        return [1.0] * steps
+    if name == "drop":
+        return [1.0 if k < steps // 2 else 0.1 for k in range(steps)]
+    if name == "warmup":
+        w = max(1, steps // 4)
+        return [min(1.0, (k + 1) / w) for k in range(steps)]
+    raise ValueError(f"unknown schedule {name!r}; known: {SCHEDULES}")
+
+
+def _initial(rng: np.random.Generator, path: str, shape: tuple[int, ...], source: str) -> np.ndarray:
+    if source == "rosenbrock":
+        return 1.0 + 0.1 * rng.standard_normal(shape)
+    leaf = path.rsplit("/", 1)[-1]
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if leaf in ("weight", "scale", "gamma") and parent.startswith(("bn", "ln", "norm", "gn")):
+        return 1.0 + 0.1 * rng.standard_normal(shape)
+    return 0.5 * rng.standard_normal(shape)
+
+
+class GradientSource:
+    """The gradient at step k (see the module docstring); deterministic per seed and case."""
+
+    def __init__(self, kind: str, shapes: dict[str, tuple[int, ...]], seed: int, op: str, case: str,
+                 family: str | None = None) -> None:
+        self.kind, self.shapes, self.family = kind, dict(shapes), family
+        self.seed, self.op, self.case = seed, op, case
+        rng = case_rng(seed, op, case, "source")
+        self.scale = {p: float(10.0 ** rng.uniform(-1, 1)) for p in shapes}
+        if family == "mixed_scales":
+            self.scale = {p: float(10.0 ** rng.uniform(-4, 4)) for p in shapes}
+        self.curvature = {p: 10.0 ** rng.uniform(-1, 1, size=s) for p, s in shapes.items()}
+        self.center = {p: rng.standard_normal(s) for p, s in shapes.items()}
+
+    @property
+    def depends_on_params(self) -> bool:
+        return self.kind != "fixed"
+
+    def __call__(self, params: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+        if self.kind == "quadratic":
+            return {p: self.curvature[p] * (params[p] - self.center[p]) for p in self.shapes}
+        if self.kind == "rosenbrock":
+            return {p: _rosenbrock_grad(params[p]) for p in self.shapes}
+        return self._fixed(k)
+
+    def _fixed(self, k: int) -> dict[str, np.ndarray]:
+        out = {}
+        paths = list(self.shapes)
+        for p, shape in self.shapes.items():
+            rng = case_rng(self.seed, self.op, self.case, f"grad{k}", p)
+            g = self.scale[p] * rng.standard_normal(shape)
+            if self.family == "tiny":
+                g = g * 1e-6
+            elif self.family == "huge":
+                g = g * 1e6
+            elif self.family == "zero_tensor" and p == paths[-1]:
+                g = np.zeros(shape)
+            elif self.family == "sparse":
+                g = np.where(rng.uniform(size=shape) < 0.7, 0.0, g)
+            out[p] = g
+        return out
+
+
+def _rosenbrock_grad(w: np.ndarray) -> np.ndarray:
+    """Gradient of sum_i A (x_{i+1} - x_i^2)^2 + (1 - x_i)^2 over the flattened tensor."""
+    x = np.asarray(w, dtype=np.float64).reshape(-1)
+    g = np.zeros_like(x)
+    if x.size > 1:
+        r = x[1:] - x[:-1] ** 2
+        g[:-1] += -4.0 * ROSENBROCK_A * x[:-1] * r - 2.0 * (1.0 - x[:-1])
+        g[1:] += 2.0 * ROSENBROCK_A * r
+    else:
+        g += -2.0 * (1.0 - x)
+    return g.reshape(np.shape(w))
+
+
+def optimizer_cases(op: str, *, adversarial: bool, seed: int) -> list[tuple[str, Case]]:
+    """The spec's trajectory cases (and the gradient families on the first fixed one)."""
+    spec = reference.get(op).spec
+    out = []
+    for c in spec.cases:
+        rng = case_rng(seed, op, c["name"])
+        inputs = {f"params/{p}": _initial(rng, p, shape, c["gradients"]) for p, shape in c["params"].items()}
+        tags = (f"gradients:{c['gradients']}", f"schedule:{c['schedule']}", *c["tags"])
+        if c["steps"]:
+            tags += (f"steps:{c['steps']}",)
+        out.append((c["name"], Case(op, c["name"], inputs, dict(c["hparams"]), c["dialect"], seed,
+                                    overrides=dict(c["overrides"]), tags=tags)))
+    fixed = [case for _, case in out if "gradients:fixed" in case.tags]
+    if adversarial and fixed:
+        base = fixed[0]
+        for family in GRADIENT_FAMILIES:
+            name = f"grad-{family}@{base.name}"
+            out.append((name, Case(op, name, dict(base.inputs), dict(base.hparams), base.dialect, seed,
+                                   overrides=dict(base.overrides),
+                                   tags=(*base.tags, f"family:{family}", "adversarial"))))
+    return out
+
+
+def tag(case: Case, key: str, default: str | None = None) -> str | None:
+    prefix = key + ":"
+    return next((t[len(prefix):] for t in case.tags if t.startswith(prefix)), default)
+
+
+def source_of(case: Case) -> GradientSource:
+    shapes = {k[len("params/"):]: tuple(np.shape(v)) for k, v in case.inputs.items()}
+    base = case.name.split("@")[-1]
+    return GradientSource(tag(case, "gradients", "fixed"), shapes, case.seed, case.op, base,
+                          tag(case, "family"))
+
+
+@dataclass
+class OracleStep:
+    """Step k of the oracle's trajectory: what it read, what it computed, and the bounds."""
+
+    hp: dict[str, Any]
+    arrays: dict[str, np.ndarray]     # "in.params/p", "in.grads/p", "state.<slot>" (float64)
+    expected: dict[str, np.ndarray]   # "outputs.params/p", "state.<slot>"
+    bounds: dict[str, np.ndarray]     # accumulated bound B_{k+1}
+
+
+def _groups(op: reference.Op, arrays: dict[str, np.ndarray]) -> dict[str, str | None]:
+    """Probe groups: all parameters, all gradients, each slot; exact slots never perturbed."""
+    exact = {s.name for s in op.spec.state if s.exact}
+    out: dict[str, str | None] = {}
+    for key in arrays:
+        if key.startswith("in."):
+            out[key] = key[3:].split("/", 1)[0]
+        else:
+            slot = key[len("state."):].split("/", 1)[0]
+            out[key] = None if slot in exact else f"state:{slot}"
+    return out
+
+
+def oracle_trajectory(
+    op: reference.Op,
+    hps: list[dict[str, Any]],
+    initial: dict[str, np.ndarray],
+    state0: dict[str, np.ndarray],
+    source: GradientSource,
+    dtype: str,
+    seed: int,
+    baseline: Callable[[dict[str, Any], dict[str, np.ndarray]], dict[str, np.ndarray]],
+    evaluate_for: Callable[[dict[str, Any]], Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]],
+    *,
+    with_bounds: bool = True,
+) -> list[OracleStep]:
+    """The float64 trajectory with its accumulated bounds (module docstring).
+
+    ``initial``/``state0``: the rounded initial parameters ``{path: w}`` and flat state;
+    ``hps[k]``: the hyper-parameters of step k; ``baseline(hp, arrays)``: the float32
+    same-formula evaluation; ``evaluate_for(hp)``: the oracle's flat evaluation under hp.
+    ``with_bounds=False`` computes the values only (a quick first look for the diagnosis).
+    """
+    n = max(int(np.size(v)) for v in initial.values())
+    params = dict(initial)
+    state = dict(state0)
+    carried: dict[str, np.ndarray] = {}
+    steps = []
+    for k, hp in enumerate(hps):
+        grads = source(params, k)
+        if not source.depends_on_params:
+            grads = _rounded(grads, dtype)
+        arrays = {**{f"in.params/{p}": v for p, v in params.items()},
+                  **{f"in.grads/{p}": v for p, v in grads.items()},
+                  **{f"state.{s}": v for s, v in state.items()}}
+        evaluate = evaluate_for(hp)
+        expected = evaluate(arrays)
+        if not with_bounds:
+            steps.append(OracleStep(hp, arrays, expected, {}))
+            params = {key[len("outputs.params/"):]: v for key, v in expected.items()
+                      if key.startswith("outputs.params/")}
+            state = {key[len("state."):]: v for key, v in expected.items() if key.startswith("state.")}
+            continue
+        groups = _groups(op, arrays)
+        sens = tolerance.sensitivity(evaluate, arrays, seed=seed + k, center=expected, groups=groups,
+                                     directions="sign")
+        base = baseline(hp, arrays)
+        local = {}
+        for key, value in expected.items():
+            b = base.get(key)
+            with np.errstate(invalid="ignore", over="ignore"):
+                err = None if b is None or np.shape(b) != np.shape(value) else np.abs(
+                    np.asarray(b, dtype=np.float64) - value)
+            local[key] = tolerance.bound(value, sens[key], dtype, n, err, rms_floor=False)
+        if carried:
+            step_map = _with_model_gradients(evaluate, source) if source.depends_on_params else evaluate
+            moved = tolerance.propagate(step_map, arrays, carried, seed=seed + k, center=expected,
+                                        groups=groups)
+            bounds = {key: local[key] + moved[key] for key in expected}
+        else:
+            bounds = local
+        # A quantity that is exactly 0 with zero sensitivity (the moments of a tensor whose gradient
+        # is always 0) is judged against the structural-zero floor; the floor is a judging
+        # allowance, not an error estimate, so it is not carried into the next step.
+        scale = max([float(np.max(np.abs(v))) for v in [*expected.values(), *arrays.values()]
+                     if np.size(v) and np.all(np.isfinite(v))] or [0.0])
+        judged = {key: (np.maximum(b, tolerance.structural_zero_floor(dtype, scale))
+                        if not np.any(expected[key]) and not np.any(sens[key]) else b)
+                  for key, b in bounds.items()}
+        steps.append(OracleStep(hp, arrays, expected, judged))
+        params = {key[len("outputs.params/"):]: v for key, v in expected.items()
+                  if key.startswith("outputs.params/")}
+        state = {key[len("state."):]: v for key, v in expected.items() if key.startswith("state.")}
+        carried = {**{f"in.params/{key[len('outputs.params/'):]}": b for key, b in bounds.items()
+                      if key.startswith("outputs.params/")},
+                   **{key: b for key, b in bounds.items() if key.startswith("state.")}}
+    return steps
+
+
+def _with_model_gradients(evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                          source: GradientSource) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """The step map with the gradient recomputed from the (moved) parameters."""
+
+    def step_map(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        params = {k[len("in.params/"):]: v for k, v in arrays.items() if k.startswith("in.params/")}
+        grads = source(params, 0)
+        return evaluate({**arrays, **{f"in.grads/{p}": g for p, g in grads.items()}})
+
+    return step_map
+
+
+def _rounded(tree: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    from conformance.runner import _np_dtype
+
+    with np.errstate(over="ignore"):
+        return {k: np.asarray(v, dtype=np.float64).astype(_np_dtype(dtype)).astype(np.float64)
+                for k, v in tree.items()}
+
+
+def finite(tree: dict[str, np.ndarray]) -> bool:
+    return all(np.all(np.isfinite(v)) for v in tree.values())
+
