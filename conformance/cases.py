@@ -48,7 +48,10 @@ class Case:
 
 
 def _draw(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    # Scales (weights) drawn around 1 so no channel is switched off; everything else N(0, 1).
+    # Step counts (schedules) are 0, 1, 2, ...; scales (weights) are drawn around 1 so no channel
+    # is switched off; everything else N(0, 1).
+    if name == "t":
+        return np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)
     values = rng.standard_normal(shape)
     if name in ("weight", "g", "scale", "gain"):
         values = 1.0 + 0.5 * values

@@ -41,7 +41,7 @@ factor.  Nothing is re-synchronized, so a wrong step shows at that step and stay
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +51,8 @@ import reference
 from conformance import tolerance
 from conformance.cases import Case, case_rng
 
-__all__ = ["GRADIENT_FAMILIES", "SCHEDULES", "GradientSource", "OracleStep", "optimizer_cases",
-           "oracle_trajectory", "schedule_multipliers"]
+__all__ = ["GRADIENT_FAMILIES", "SCHEDULES", "GradientSource", "OracleStep", "iter_oracle_trajectory",
+           "optimizer_cases", "oracle_trajectory", "schedule_multipliers"]
 
 #: Adversarial families of the fixed gradient source (see the module docstring).
 GRADIENT_FAMILIES = ("tiny", "huge", "zero_tensor", "sparse", "mixed_scales")
@@ -198,7 +198,12 @@ def _groups(op: reference.Op, arrays: dict[str, np.ndarray]) -> dict[str, str | 
     return out
 
 
-def oracle_trajectory(
+def oracle_trajectory(*args: Any, **kwargs: Any) -> list[OracleStep]:
+    """All the steps of :func:`iter_oracle_trajectory` (same arguments)."""
+    return list(iter_oracle_trajectory(*args, **kwargs))
+
+
+def iter_oracle_trajectory(
     op: reference.Op,
     hps: list[dict[str, Any]],
     initial: dict[str, np.ndarray],
@@ -210,8 +215,8 @@ def oracle_trajectory(
     evaluate_for: Callable[[dict[str, Any]], Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]],
     *,
     with_bounds: bool = True,
-) -> list[OracleStep]:
-    """The float64 trajectory with its accumulated bounds (module docstring).
+) -> Iterator[OracleStep]:
+    """The float64 trajectory with its accumulated bounds (module docstring), step by step.
 
     ``initial``/``state0``: the rounded initial parameters ``{path: w}`` and flat state;
     ``hps[k]``: the hyper-parameters of step k; ``baseline(hp, arrays)``: the float32
@@ -222,7 +227,6 @@ def oracle_trajectory(
     params = dict(initial)
     state = dict(state0)
     carried: dict[str, np.ndarray] = {}
-    steps = []
     for k, hp in enumerate(hps):
         grads = source(params, k)
         if not source.depends_on_params:
@@ -233,7 +237,7 @@ def oracle_trajectory(
         evaluate = evaluate_for(hp)
         expected = evaluate(arrays)
         if not with_bounds:
-            steps.append(OracleStep(hp, arrays, expected, {}))
+            yield OracleStep(hp, arrays, expected, {})
             params = {key[len("outputs.params/"):]: v for key, v in expected.items()
                       if key.startswith("outputs.params/")}
             state = {key[len("state."):]: v for key, v in expected.items() if key.startswith("state.")}
@@ -264,14 +268,13 @@ def oracle_trajectory(
         judged = {key: (np.maximum(b, tolerance.structural_zero_floor(dtype, scale))
                         if not np.any(expected[key]) and not np.any(sens[key]) else b)
                   for key, b in bounds.items()}
-        steps.append(OracleStep(hp, arrays, expected, judged))
+        yield OracleStep(hp, arrays, expected, judged)
         params = {key[len("outputs.params/"):]: v for key, v in expected.items()
                   if key.startswith("outputs.params/")}
         state = {key[len("state."):]: v for key, v in expected.items() if key.startswith("state.")}
         carried = {**{f"in.params/{key[len('outputs.params/'):]}": b for key, b in bounds.items()
                       if key.startswith("outputs.params/")},
                    **{key: b for key, b in bounds.items() if key.startswith("state.")}}
-    return steps
 
 
 def _with_model_gradients(evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],

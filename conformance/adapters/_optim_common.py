@@ -17,7 +17,7 @@ import numpy as np
 from conformance.adapters import Request, Unsupported
 from reference.optimizers._tree import mask_of
 
-__all__ = ["OptimizerRequest", "extension_modules"]
+__all__ = ["OptimizerRequest", "extension_modules", "load_extensions"]
 
 
 class OptimizerRequest:
@@ -65,6 +65,39 @@ class OptimizerRequest:
     def check_all_read(self, op: str) -> None:
         if self.hp:
             raise Unsupported(f"the mapping of {op} does not implement {', '.join(sorted(self.hp))}")
+
+
+class _ScheduleExtension:
+    """A schedules mapping file (``SCHEDULES``: op -> fn(t, hparams) -> lr) seen as an extension:
+    ``OPS`` take the request (and any device argument, unused: schedules are host-side floats)."""
+
+    def __init__(self, module: Any) -> None:
+        self.DIALECTS = dict(getattr(module, "DIALECTS", {}))
+        self.API = dict(getattr(module, "API", {}))
+        self.DTYPES = {name: ("float64",) for name in module.SCHEDULES}
+        self.OPS = {name: self._wrap(fn) for name, fn in module.SCHEDULES.items()}
+
+    @staticmethod
+    def _wrap(fn: Any) -> Any:
+        from conformance.adapters import Response
+
+        def evaluate(request: Request, *_: Any) -> Response:
+            t = np.asarray(request.inputs["t"], dtype=np.float64)
+            return Response(outputs={"lr": np.asarray(fn(t, dict(request.hparams)), dtype=np.float64)})
+
+        return evaluate
+
+
+def load_extensions(prefix: str) -> list[Any]:
+    """The mapping files ``conformance/adapters/<prefix>*.py`` as extensions: each has ``OPS``
+    (op -> fn(request, ...) -> Response), ``DIALECTS``, ``API`` and ``DTYPES``."""
+    import importlib
+
+    found = []
+    for name in extension_modules(prefix):
+        module = importlib.import_module(name)
+        found.append(_ScheduleExtension(module) if hasattr(module, "SCHEDULES") else module)
+    return found
 
 
 def extension_modules(prefix: str) -> list[str]:

@@ -176,11 +176,9 @@ class JaxAdapter:
     def _extensions(self) -> list[Any]:
         """The mapping files of the other families: ``_optax_*.py`` next to this module, each with
         ``OPS`` (op -> fn(request) -> Response), ``DIALECTS``, ``API`` and ``DTYPES``."""
-        import importlib
+        from conformance.adapters._optim_common import load_extensions
 
-        from conformance.adapters._optim_common import extension_modules
-
-        return [importlib.import_module(name) for name in extension_modules("_optax_")]
+        return load_extensions("_optax_")
 
     def evaluate(self, op: str, request: Request) -> Response:
         for ext in self._extensions():

@@ -457,11 +457,9 @@ def _device(device: str | None) -> torch.device:
 def _extensions() -> list[Any]:
     """The mapping files of the other families: ``_torch_*.py`` next to this module, each with
     ``OPS`` (op -> fn(request, device) -> Response), ``DIALECTS``, ``API`` and ``DTYPES``."""
-    import importlib
+    from conformance.adapters._optim_common import load_extensions
 
-    from conformance.adapters._optim_common import extension_modules
-
-    return [importlib.import_module(name) for name in extension_modules("_torch_")]
+    return load_extensions("_torch_")
 
 
 class TorchAdapter:

@@ -1,0 +1,310 @@
+"""A catalogue of optimizer mutants: real-world update-rule mistakes the harness must flag.
+
+Each mutant is an adapter for ONE optimizer op (see tests/mutants.py for the normalizer
+catalogue and the meaning of ``expect``).  It declares the *correct* dialect of what it claims to
+be and runs the oracle's own step in the request dtype (the undecorated function), except for one
+planted mistake in :meth:`OptimizerMutant.step`.  A mistake that *is* another known convention
+(the lr kept inside the momentum buffer, AMSGrad's maximum of the corrected moment) must be
+diagnosed as that CONVENTION; every other mistake must FAIL.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+import reference
+from conformance.adapters import OpSupport, Request, Response
+from reference.optimizers._common import apply_weight_decay, bias_correction, ema, next_step
+from reference.optimizers._tree import mask_of
+
+Tree = dict[str, Any]
+
+TORCH_SGD = {"lr_placement": "outside", "first_step": "clone", "momentum_correction": False,
+             "weight_decay_mode": "l2"}
+TORCH_ADAM = {"adam_eps_mode": "corrected", "amsgrad_max_of": "raw", "weight_decay_mode": "l2"}
+TORCH_ADAMW = {"adam_eps_mode": "corrected", "amsgrad_max_of": "raw",
+               "weight_decay_mode": "decoupled_lr"}
+
+
+def _raw(fn: Any) -> Any:
+    return getattr(fn, "__wrapped__", fn)
+
+
+class OptimizerMutant:
+    """The protocol plumbing: the oracle's step in the request dtype, one optimizer op."""
+
+    op: ClassVar[str]
+    dialect: ClassVar[dict[str, Any]] = {}
+    dtypes: ClassVar[tuple[str, ...]] = ("float64",)
+    expect: ClassVar[tuple[str, ...]] = ("FAIL",)
+    known_gap: ClassVar[str | None] = None
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def info(self) -> dict[str, str]:
+        return {"framework": "mutant", "version": "0", "device": "cpu",
+                "note": (type(self).__doc__ or "").strip().splitlines()[0]}
+
+    def ops(self) -> dict[str, OpSupport]:
+        return {self.op: OpSupport(dialect=dict(self.dialect), dtypes=self.dtypes,
+                                   api=f"tests/optimizer_mutants.py::{self.name}")}
+
+    def oracle(self, params: Tree, grads: Tree, state: Tree, hp: dict[str, Any],
+               **changes: Any) -> tuple[Tree, Tree]:
+        """The oracle's step (raw: in the arrays' dtype), optionally under changed hyper-parameters."""
+        return _raw(reference.get(self.op).function)(params, grads, state, **{**hp, **changes})
+
+    def step(self, params: Tree, grads: Tree, state: Tree, hp: dict[str, Any]) -> tuple[Tree, Tree]:
+        return self.oracle(params, grads, state, hp)
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        assert op == self.op, f"{self.name} implements {self.op}, not {op}"
+        bound = reference.get(self.op)
+        params, grads = bound.split_flat({k: np.asarray(v) for k, v in request.inputs.items()})
+        state = bound.tree_state({k: np.asarray(v) for k, v in (request.state or {}).items()})
+        with np.errstate(all="ignore"):
+            new_params, new_state = self.step(params, grads, state, dict(request.hparams))
+        store = next(iter(request.inputs.values())).dtype
+        return Response(outputs={f"params/{p}": np.asarray(v).astype(store) for p, v in new_params.items()},
+                        state={k: np.asarray(v).astype(store if np.ndim(v) else np.float64)
+                               for k, v in bound.flat_state(new_state).items()})
+
+
+class OptimizerControl(OptimizerMutant):
+    """No mistake: the oracle's step in the request dtype (the catalogue's control)."""
+
+    def __init__(self, op: str, dialect: dict[str, Any], dtypes: tuple[str, ...]) -> None:
+        self.op = op  # type: ignore[misc]
+        self.dialect = dialect  # type: ignore[misc]
+        self.dtypes = dtypes  # type: ignore[misc]
+
+    @property
+    def name(self) -> str:
+        return f"control-{self.op}"
+
+
+# -- Adam family ---------------------------------------------------------------------------------
+
+
+def _adam_like(params: Tree, grads: Tree, state: Tree, hp: dict[str, Any], direction: Any,
+               *, decay_after: bool = False, t_override: int | None = None) -> tuple[Tree, Tree]:
+    """Adam's bookkeeping with a replaceable ``direction(m, v, t, hp) -> d`` (for the mutants)."""
+    t_array, t = next_step(state, params)
+    t = t_override or t
+    if not decay_after:
+        params, grads = apply_weight_decay(params, grads, lr=hp["lr"], weight_decay=hp["weight_decay"],
+                                           mode=hp["weight_decay_mode"], mask=hp["weight_decay_mask"])
+    new: Tree = {"step": t_array, "exp_avg": {}, "exp_avg_sq": {}}
+    out = {}
+    for p, w in params.items():
+        m = ema(state["exp_avg"][p], grads[p], hp["beta1"])
+        v = ema(state["exp_avg_sq"][p], grads[p] * grads[p], hp["beta2"])
+        out[p] = w - hp["lr"] * direction(m, v, t, hp)
+        new["exp_avg"][p], new["exp_avg_sq"][p] = m, v
+    if decay_after:
+        out, _ = apply_weight_decay(out, grads, lr=hp["lr"], weight_decay=hp["weight_decay"],
+                                    mode=hp["weight_decay_mode"], mask=hp["weight_decay_mask"])
+    return out, new
+
+
+def _corrected(m: Any, v: Any, t: int, hp: dict[str, Any]) -> Any:
+    bc1, bc2 = bias_correction(hp["beta1"], t), bias_correction(hp["beta2"], t)
+    return (m / bc1) / (np.sqrt(v) / np.sqrt(bc2) + hp["eps"])
+
+
+class AdamEpsInsideRoot(OptimizerMutant):
+    """Adam with eps inside the square root: m_hat / sqrt(v_hat + eps)."""
+
+    op, dialect = "adam", TORCH_ADAM
+
+    def step(self, params, grads, state, hp):
+        def direction(m, v, t, hp):
+            bc1, bc2 = bias_correction(hp["beta1"], t), bias_correction(hp["beta2"], t)
+            return (m / bc1) / np.sqrt(v / bc2 + hp["eps"])
+
+        return _adam_like(params, grads, state, hp, direction)
+
+
+class AdamNoBiasCorrection(OptimizerMutant):
+    """Adam without bias correction (the moments' zero start is never undone)."""
+
+    op, dialect = "adam", TORCH_ADAM
+
+    def step(self, params, grads, state, hp):
+        return _adam_like(params, grads, state, hp,
+                          lambda m, v, t, hp: m / (np.sqrt(v) + hp["eps"]))
+
+
+class AdamStepCountFrozen(OptimizerMutant):
+    """Adam whose bias correction always uses t = 1 (the step counter is not threaded through)."""
+
+    op, dialect = "adam", TORCH_ADAM
+
+    def step(self, params, grads, state, hp):
+        return _adam_like(params, grads, state, hp, _corrected, t_override=1)
+
+
+class AdamSecondMomentOfAbs(OptimizerMutant):
+    """Adam whose second moment averages |g| instead of g^2 (an AdaMax/RMS mix-up)."""
+
+    op, dialect = "adam", TORCH_ADAM
+
+    def step(self, params, grads, state, hp):
+        t_array, t = next_step(state, params)
+        params, grads = apply_weight_decay(params, grads, lr=hp["lr"], weight_decay=hp["weight_decay"],
+                                           mode=hp["weight_decay_mode"], mask=hp["weight_decay_mask"])
+        new: Tree = {"step": t_array, "exp_avg": {}, "exp_avg_sq": {}}
+        out = {}
+        for p, w in params.items():
+            m = ema(state["exp_avg"][p], grads[p], hp["beta1"])
+            v = ema(state["exp_avg_sq"][p], np.abs(grads[p]), hp["beta2"])
+            out[p] = w - hp["lr"] * _corrected(m, v, t, hp)
+            new["exp_avg"][p], new["exp_avg_sq"][p] = m, v
+        return out, new
+
+
+class AdamKerasEpsHat(OptimizerMutant):
+    """Adam with Keras's eps-hat (eps added to the uncorrected root) while claiming torch's form."""
+
+    op, dialect = "adam", TORCH_ADAM
+    expect = ("CONVENTION", "adam_eps_mode=eps_hat")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, adam_eps_mode="eps_hat")
+
+
+class AMSGradMaxAfterBiasCorrection(OptimizerMutant):
+    """AMSGrad keeping the maximum of the bias-corrected v_hat while claiming torch's raw maximum."""
+
+    op, dialect = "adam", TORCH_ADAM
+    expect = ("CONVENTION", "amsgrad_max_of=corrected")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, amsgrad_max_of="corrected")
+
+
+class AMSGradMaxNeverStored(OptimizerMutant):
+    """AMSGrad whose running maximum is computed but never written back (Ranger21's bug (d))."""
+
+    op, dialect = "adam", TORCH_ADAM
+
+    def step(self, params, grads, state, hp):
+        new_params, new_state = self.oracle(params, grads, state, hp)
+        if hp["amsgrad"]:
+            new_state["max_exp_avg_sq"] = dict(state["max_exp_avg_sq"])
+        return new_params, new_state
+
+
+class AdamWDecayNotScaledByLr(OptimizerMutant):
+    """AdamW decaying w by (1 - lambda) instead of (1 - lr lambda) while claiming torch's AdamW."""
+
+    op, dialect = "adamw", TORCH_ADAMW
+    expect = ("CONVENTION", "weight_decay_mode=decoupled_nolr")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, weight_decay_mode="decoupled_nolr")
+
+
+class AdamWDecayAfterUpdate(OptimizerMutant):
+    """AdamW applying the decoupled decay after the Adam update instead of before it."""
+
+    op, dialect = "adamw", TORCH_ADAMW
+
+    def step(self, params, grads, state, hp):
+        return _adam_like(params, grads, state, hp, _corrected, decay_after=True)
+
+
+class AdamWDecayIgnoresMask(OptimizerMutant):
+    """AdamW decaying biases and normalization gains too (the no-decay group is ignored)."""
+
+    op, dialect = "adamw", TORCH_ADAMW
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, weight_decay_mask="all")
+
+
+class AdamWDecayCoupled(OptimizerMutant):
+    """AdamW folding the decay into the gradient (Adam's L2) while claiming decoupled decay."""
+
+    op, dialect = "adamw", TORCH_ADAMW
+    expect = ("CONVENTION", "weight_decay_mode=l2")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, weight_decay_mode="l2")
+
+
+# -- SGD -------------------------------------------------------------------------------------------
+
+
+class SGDNesterovLookAheadTwice(OptimizerMutant):
+    """Nesterov applied twice: the look-ahead mu b_t is added to a buffer that already holds it."""
+
+    op, dialect = "sgd", TORCH_SGD
+
+    def step(self, params, grads, state, hp):
+        new_params, new_state = self.oracle(params, grads, state, hp)
+        if hp["nesterov"]:
+            buf = new_state["momentum_buffer"]
+            new_params = {p: w - hp["lr"] * hp["momentum"] * hp["momentum"] * buf[p]
+                          for p, w in new_params.items()}
+        return new_params, new_state
+
+
+class SGDDampeningOnFirstStep(OptimizerMutant):
+    """Momentum SGD damping the first gradient (zero buffer start) while claiming torch's clone."""
+
+    op, dialect = "sgd", TORCH_SGD
+    expect = ("CONVENTION", "first_step=zeros")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, first_step="zeros")
+
+
+class SGDLrInsideBuffer(OptimizerMutant):
+    """Momentum SGD keeping the lr inside the buffer (Keras/Caffe2) while claiming torch's form."""
+
+    op, dialect = "sgd", TORCH_SGD
+    expect = ("CONVENTION", "lr_placement=inside")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, lr_placement="inside")
+
+
+class SGDWeightDecayOutsideMomentum(OptimizerMutant):
+    """SGD subtracting lr lambda w outside the momentum buffer instead of adding lambda w to the
+    gradient: the decoupled (Keras) form, while claiming torch's L2."""
+
+    op, dialect = "sgd", TORCH_SGD
+    expect = ("CONVENTION", "weight_decay_mode=decoupled_lr")
+
+    def step(self, params, grads, state, hp):
+        new_params, new_state = self.oracle(params, grads, state, {**hp, "weight_decay": 0.0})
+        wd = hp["weight_decay"]
+        where = mask_of(hp["weight_decay_mask"], params)
+        return {p: w - hp["lr"] * wd * params[p] if where[p] else w
+                for p, w in new_params.items()}, new_state
+
+
+class SGDMomentumBufferNotStored(OptimizerMutant):
+    """Momentum SGD that returns the previous buffer (the in-place update went to a copy)."""
+
+    op, dialect = "sgd", TORCH_SGD
+
+    def step(self, params, grads, state, hp):
+        new_params, new_state = self.oracle(params, grads, state, hp)
+        if "momentum_buffer" in state and float(state["step"]) > 0:
+            new_state["momentum_buffer"] = dict(state["momentum_buffer"])
+        return new_params, new_state
+
+
+CATALOGUE: list[type[OptimizerMutant]] = [
+    AdamEpsInsideRoot, AdamNoBiasCorrection, AdamStepCountFrozen, AdamSecondMomentOfAbs,
+    AdamKerasEpsHat, AMSGradMaxAfterBiasCorrection, AMSGradMaxNeverStored,
+    AdamWDecayNotScaledByLr, AdamWDecayAfterUpdate, AdamWDecayIgnoresMask, AdamWDecayCoupled,
+    SGDNesterovLookAheadTwice, SGDDampeningOnFirstStep, SGDLrInsideBuffer,
+    SGDWeightDecayOutsideMomentum, SGDMomentumBufferNotStored,
+]

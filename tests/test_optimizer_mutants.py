@@ -1,0 +1,99 @@
+"""The harness catches optimizer bugs: every mutant of tests/optimizer_mutants.py is flagged by the
+default profile (seed 0, float64: the math mistakes do not need another dtype), the unmutated
+control is not.  A CONVENTION mutant must be diagnosed with exactly its knob, nothing it cannot
+explain may remain in float64, and wherever the mirror image of the mistake (the correct step
+declared under knob=value) is flagged, the mutant is flagged too (no silent PASS past it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import reference
+from conformance import runner
+from optimizer_mutants import CATALOGUE, OptimizerControl, OptimizerMutant
+
+SEED = 0
+PROFILE = "default"
+FLAGGED = ("FAIL", "ERROR")
+
+
+def _run(adapter: OptimizerMutant) -> tuple[list[runner.PlannedCase], list[runner.CaseResult]]:
+    planned = runner.plan(adapter, ops=f"^{adapter.op}$", dtypes=list(adapter.dtypes), seed=SEED,
+                          profile=PROFILE)
+    return planned, runner.run(adapter, planned, profile=PROFILE)
+
+
+def _table(results: list[runner.CaseResult]) -> str:
+    return "\n".join(f"  {r.case:36s} {r.dtype:8s} {r.verdict:10s} {r.diagnosis or r.message[:110]}"
+                     for r in results)
+
+
+def _expected_change(mutant: OptimizerMutant) -> dict[str, Any]:
+    knob, text = mutant.expect[1].split("=", 1)
+    values = [v for v in runner.dialect_knobs(mutant.op).get(knob, []) if str(v) == text]
+    assert values, f"{knob}={text} is not a dialect knob value of {mutant.op}"
+    return {knob: values[0]}
+
+
+class _Mirror(OptimizerMutant):
+    """The correct step of the mutant's declared dialect, declared under ``knob=value``."""
+
+    def __init__(self, mutant: OptimizerMutant, change: dict[str, Any]) -> None:
+        self.op = mutant.op  # type: ignore[misc]
+        self.dtypes = mutant.dtypes  # type: ignore[misc]
+        self.dialect = {**mutant.dialect, **change}  # type: ignore[misc]
+        self.truth = {k: mutant.dialect[k] for k in change}
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, **self.truth)
+
+
+def test_the_catalogue_is_complete_and_well_formed():
+    assert len(CATALOGUE) >= 15
+    for cls in CATALOGUE:
+        mutant = cls()
+        assert (cls.__doc__ or "").strip(), f"{cls.__name__} must name its real-world mistake"
+        assert mutant.expect[0] in ("FAIL", "CONVENTION"), cls.__name__
+        assert set(mutant.dialect) <= set(reference.get(mutant.op).spec.hparams), cls.__name__
+        if mutant.expect[0] == "CONVENTION":
+            assert next(iter(_expected_change(mutant))) in mutant.dialect, cls.__name__
+
+
+@pytest.mark.parametrize("cls", CATALOGUE, ids=lambda c: c.__name__)
+def test_every_optimizer_mutant_is_flagged(cls: type[OptimizerMutant]):
+    mutant = cls()
+    planned, results = _run(mutant)
+    table = _table(results)
+    if mutant.expect == ("FAIL",):
+        assert any(r.verdict in FLAGGED for r in results), f"{cls.__name__} was not flagged:\n{table}"
+        return
+    expected = mutant.expect[1]
+    named = [r for r in results if r.verdict == "CONVENTION"]
+    assert any(r.diagnosis.replace("'", "") == expected for r in named), (
+        f"{cls.__name__}: no CONVENTION {expected}:\n{table}")
+    wrong = [r for r in named if r.diagnosis.replace("'", "") != expected]
+    assert not wrong, f"{cls.__name__}: CONVENTION with another diagnosis:\n{_table(wrong)}"
+    unexplained = [r for r in results if r.verdict in FLAGGED]
+    assert not unexplained, f"{cls.__name__}: cases {expected} does not explain:\n{_table(unexplained)}"
+    mirror = _Mirror(mutant, _expected_change(mutant))
+    silent = [r for case, r in zip(planned, results, strict=True) if r.verdict == "PASS"
+              and runner.run_case(mirror, case, profile=PROFILE).verdict in FLAGGED + ("CONVENTION",)]
+    assert not silent, f"{cls.__name__}: PASSes where the conventions differ:\n{_table(silent)}"
+
+
+def _controls() -> list[Any]:
+    seen: dict[tuple[Any, ...], OptimizerControl] = {}
+    for cls in CATALOGUE:
+        key = (cls.op, tuple(sorted(cls.dialect.items())), cls.dtypes)
+        seen.setdefault(key, OptimizerControl(cls.op, dict(cls.dialect), cls.dtypes))
+    return [pytest.param(c, id=c.op) for c in seen.values()]
+
+
+@pytest.mark.parametrize("control", _controls())
+def test_the_unmutated_optimizer_control_is_not_flagged(control: OptimizerControl):
+    _, results = _run(control)
+    flagged = [r for r in results if r.verdict in FLAGGED + ("CONVENTION",)]
+    assert not flagged, f"the control is flagged:\n{_table(flagged)}"
+    assert any(r.verdict == "PASS" for r in results)
