@@ -588,20 +588,25 @@ def _run_trajectory(
                       trajectory.schedule_multipliers(trajectory.tag(case, "schedule", "constant"), steps),
                       trajectory.source_of(case),
                       {k[len("params/"):]: v for k, v in _widen(rounded).items()}, hp)
-    t0 = time.perf_counter()
-    try:
-        oracle = list(run.oracle(hp))
-    except (TypeError, ValueError) as exc:
-        result.verdict = "SKIP"
-        result.message = f"the oracle rejects this case under the adapter's dialect: {exc}"
-        return
-    result.seconds_oracle += time.perf_counter() - t0
     n = max(int(v.size) for v in run.initial.values())
     params = _round(run.initial, dtype)
-    state: dict[str, np.ndarray] = _round(
-        {k[len("state."):]: v for k, v in oracle[0].arrays.items() if k.startswith("state.")}, dtype)
+    state: dict[str, np.ndarray] | None = None
     history: list[_Step] = []
-    for k, ostep in enumerate(oracle):
+    # The oracle's steps are computed in lockstep with the adapter's, so a trajectory that errs at
+    # step 3 costs 3 oracle steps.
+    oracle = run.oracle(hp)
+    for k in range(steps):
+        t0 = time.perf_counter()
+        try:
+            ostep = next(oracle)
+        except (TypeError, ValueError) as exc:
+            result.verdict = "SKIP"
+            result.message = f"the oracle rejects this case under the adapter's dialect: {exc}"
+            return
+        result.seconds_oracle += time.perf_counter() - t0
+        if state is None:
+            state = _round({key[len("state."):]: v for key, v in ostep.arrays.items()
+                            if key.startswith("state.")}, dtype)
         grads = run.source(_widen(params), k)
         grads = _round(grads, dtype)
         inputs = {**{f"params/{p}": v for p, v in params.items()},

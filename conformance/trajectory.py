@@ -103,6 +103,10 @@ class GradientSource:
         return self.kind != "fixed"
 
     def __call__(self, params: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+        with np.errstate(all="ignore"):  # a diverging trajectory is judged, not warned about
+            return self._gradient(params, k)
+
+    def _gradient(self, params: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
         if self.kind == "quadratic":
             return {p: self.curvature[p] * (params[p] - self.center[p]) for p in self.shapes}
         if self.kind == "rosenbrock":

@@ -1,0 +1,289 @@
+"""RMSprop (reference/optimizers/rmsprop.py): invariants, torch/optax trajectories, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference
+from reference.optimizers import rmsprop
+
+SHAPES = {"conv/weight": (4, 3, 3, 3), "conv/bias": (4,), "bn/weight": (4,), "fc/weight": (5, 6)}
+MASK = {p: len(s) >= 2 for p, s in SHAPES.items()}  # "ndim>=2"
+
+
+def _tree(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {p: rng.standard_normal(s) for p, s in SHAPES.items()}
+
+
+def _grads(seed: int, steps: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    scales = {p: 10.0 ** rng.uniform(-1, 1) for p in SHAPES}
+    return [{p: scales[p] * rng.standard_normal(s) for p, s in SHAPES.items()} for _ in range(steps)]
+
+
+def _run(params, grads_seq, lrs=None, **hp):
+    state = rmsprop.init(params, **hp)
+    trace = []
+    for k, g in enumerate(grads_seq):
+        step_hp = dict(hp, lr=lrs[k]) if lrs is not None else hp
+        params, state = rmsprop.step(params, g, state, **step_hp)
+        trace.append((params, state))
+    return trace
+
+
+def _rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """max over tensors of ||a - b||_inf / ||b||_inf."""
+    return max(float(np.max(np.abs(a[p] - b[p])) / max(np.max(np.abs(b[p])), 1e-300)) for p in b)
+
+
+# ------------------------------------------------------------------------------------------
+# Invariants (hypothesis)
+# ------------------------------------------------------------------------------------------
+
+seeds = st.integers(0, 2**31 - 1)
+alphas = st.floats(0.0, 0.999)
+
+
+@settings(max_examples=30)
+@given(seed=seeds, alpha=alphas, s0=st.sampled_from([0.0, 1.0]), centered=st.booleans())
+def test_square_avg_is_closed_form_ema(seed, alpha, s0, centered):
+    """s_T = alpha^T s_0 + (1 - alpha) sum_i alpha^(T-i) g_i^2 (and gbar likewise from 0)."""
+    rng = np.random.default_rng(seed)
+    seq = _grads(seed, 6)
+    state = _run(_tree(rng), seq, alpha=alpha, initial_accumulator_value=s0, centered=centered)[-1][1]
+    T = len(seq)
+    for p in SHAPES:
+        s = alpha**T * s0 + (1 - alpha) * sum(alpha ** (T - i) * seq[i - 1][p] ** 2
+                                              for i in range(1, T + 1))
+        np.testing.assert_allclose(state["square_avg"][p], s, rtol=1e-13)
+        if centered:
+            m = (1 - alpha) * sum(alpha ** (T - i) * seq[i - 1][p] for i in range(1, T + 1))
+            np.testing.assert_allclose(state["grad_avg"][p], m, rtol=1e-10,
+                                       atol=1e-13 * float(np.max(np.abs(seq[-1][p]))))
+    assert set(state) == ({"step", "square_avg", "grad_avg"} if centered else {"step", "square_avg"})
+
+
+@settings(max_examples=20)
+@given(seed=seeds, lr=st.floats(1e-4, 1.0))
+def test_alpha0_is_sign_like(seed, lr):
+    """alpha = 0, eps = 0: s = g^2, so every step is w - lr sign(g)."""
+    rng = np.random.default_rng(seed)
+    params = _tree(rng)
+    seq = _grads(seed, 3)
+    trace = _run(params, seq, lr=lr, alpha=0.0, eps=0.0)
+    w = params
+    for (w_new, _), g in zip(trace, seq, strict=True):
+        for p in SHAPES:
+            np.testing.assert_allclose(w_new[p], w[p] - lr * np.sign(g[p]), rtol=1e-14, atol=1e-15)
+        w = w_new
+
+
+@settings(max_examples=30)
+@given(seed=seeds, alpha=alphas, s0=st.sampled_from([0.0, 1.0]), bias=st.booleans())
+def test_centered_variance_nonnegative(seed, alpha, s0, bias):
+    """s_t - gbar_t^2 >= 0 (Cauchy-Schwarz over the EMA weights), bias-corrected or not."""
+    rng = np.random.default_rng(seed)
+    seq = _grads(seed, 5)
+    for t, (w, state) in enumerate(_run(_tree(rng), seq, alpha=alpha, initial_accumulator_value=s0,
+                                        centered=True, bias_correction=bias), start=1):
+        bc = 1 - alpha**t if bias else 1.0
+        for p in SHAPES:
+            s, m = state["square_avg"][p] / bc, state["grad_avg"][p] / bc
+            assert np.all(s - m * m >= -1e-13 * s)
+            assert np.all(np.isfinite(w[p]))
+
+
+@settings(max_examples=20)
+@given(seed=seeds, centered=st.booleans(), momentum=st.sampled_from([0.0, 0.9]))
+def test_eps_inside_equals_outside_at_eps0(seed, centered, momentum):
+    rng = np.random.default_rng(seed)
+    params = _tree(rng)
+    seq = _grads(seed, 4)
+    hp = dict(eps=0.0, alpha=0.9, centered=centered, momentum=momentum)
+    a = _run(params, seq, eps_placement="outside", **hp)
+    b = _run(params, seq, eps_placement="inside", **hp)
+    for (w_a, _), (w_b, _) in zip(a, b, strict=True):
+        assert _rel(w_b, w_a) == 0.0
+
+
+@settings(max_examples=20)
+@given(seed=seeds, lr=st.floats(1e-3, 0.1), nesterov=st.booleans(), centered=st.booleans())
+def test_lr_inside_equals_outside_constant_lr(seed, lr, nesterov, centered):
+    """Constant lr: the same trajectory, with buffers b_inside = lr b_outside."""
+    rng = np.random.default_rng(seed)
+    params = _tree(rng)
+    seq = _grads(seed, 6)
+    hp = dict(lr=lr, momentum=0.9, nesterov=nesterov, centered=centered, weight_decay=0.01,
+              weight_decay_mask="ndim>=2")
+    out = _run(params, seq, lr_placement="outside", **hp)
+    ins = _run(params, seq, lr_placement="inside", **hp)
+    for (w_o, s_o), (w_i, s_i) in zip(out, ins, strict=True):
+        assert _rel(w_i, w_o) < 1e-13
+        scaled = {p: lr * b for p, b in s_o["momentum_buffer"].items()}
+        assert _rel(s_i["momentum_buffer"], scaled) < 1e-13
+
+
+def test_lr_inside_differs_after_change():
+    rng = np.random.default_rng(5)
+    params = _tree(rng)
+    seq = _grads(5, 4)
+    lrs = [0.1, 0.1, 0.01, 0.01]
+    out = _run(params, seq, lrs=lrs, momentum=0.9, lr_placement="outside")
+    ins = _run(params, seq, lrs=lrs, momentum=0.9, lr_placement="inside")
+    assert _rel(ins[1][0], out[1][0]) < 1e-13
+    assert _rel(ins[2][0], out[2][0]) > 1e-3  # the inside buffer still carries 0.1
+
+
+def test_momentum0_has_no_buffer_and_nesterov_needs_momentum():
+    params = {"w": np.ones((2, 3))}
+    assert set(rmsprop.init(params)) == {"step", "square_avg"}
+    assert set(rmsprop.init(params, momentum=0.5, centered=True)) == {
+        "step", "square_avg", "grad_avg", "momentum_buffer"}
+    with pytest.raises(ValueError, match="nesterov"):
+        rmsprop.step(params, {"w": np.ones((2, 3))}, rmsprop.init(params), nesterov=True)
+
+
+def test_raw_function_keeps_float32():
+    rng = np.random.default_rng(0)
+    params = {p: v.astype(np.float32) for p, v in _tree(rng).items()}
+    grads = {p: v.astype(np.float32) for p, v in _tree(rng).items()}
+    hp = reference.get("rmsprop").spec.resolve({"centered": True, "momentum": 0.9,
+                                                 "bias_correction": True})
+    state = rmsprop.init.__wrapped__(params, **hp)
+    new, state = rmsprop.step.__wrapped__(params, grads, state, **hp)
+    assert all(v.dtype == np.float32 for v in new.values())
+    for slot in ("square_avg", "grad_avg", "momentum_buffer"):
+        assert all(v.dtype == np.float32 for v in state[slot].values())
+
+
+# ------------------------------------------------------------------------------------------
+# Framework trajectories (float64)
+# ------------------------------------------------------------------------------------------
+
+STEPS = 12
+LRS = [1e-2] * 6 + [3e-3] * 6  # a mid-run lr change
+
+
+@pytest.mark.parametrize("centered,momentum", [(False, 0.0), (True, 0.0), (False, 0.9),
+                                               (True, 0.8)])
+def test_torch_trajectory(centered, momentum):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    params = _tree(rng)
+    seq = _grads(1, STEPS)
+    hp = dict(reference.get("rmsprop").dialect("torch"), alpha=0.95, eps=1e-6, centered=centered,
+              momentum=momentum, weight_decay=0.02, weight_decay_mask="ndim>=2")
+    hp.pop("lr")
+    tensors = {p: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for p, v in params.items()}
+    opt = torch.optim.RMSprop(
+        [{"params": [tensors[p] for p in SHAPES if MASK[p]], "weight_decay": 0.02},
+         {"params": [tensors[p] for p in SHAPES if not MASK[p]], "weight_decay": 0.0}],
+        lr=LRS[0], alpha=0.95, eps=1e-6, centered=centered, momentum=momentum, foreach=False)
+    trace = _run(params, seq, lrs=LRS, **hp)
+    for k, g in enumerate(seq):
+        for group in opt.param_groups:
+            group["lr"] = LRS[k]
+        for p, t in tensors.items():
+            t.grad = torch.tensor(g[p], dtype=torch.float64)
+        opt.step()
+        w_ref, s_ref = trace[k]
+        assert _rel({p: t.detach().numpy() for p, t in tensors.items()}, w_ref) < 1e-12
+        for slot in s_ref:
+            if slot != "step":
+                got = {p: opt.state[t][slot].numpy() for p, t in tensors.items()}
+                assert _rel(got, s_ref[slot]) < 1e-12, slot
+
+
+OPTAX_VARIANTS = [
+    # (optax.rmsprop keywords, oracle overrides)
+    (dict(eps_in_sqrt=True), {}),
+    (dict(eps_in_sqrt=False, centered=True), dict(eps_placement="outside", centered=True)),
+    (dict(momentum=0.9), dict(momentum=0.9)),
+    (dict(momentum=0.9, nesterov=True, centered=True),
+     dict(momentum=0.9, nesterov=True, centered=True)),
+    (dict(momentum=0.9, bias_correction=True), dict(momentum=0.9, bias_correction=True)),
+    # bias-corrected and centered, the variance estimate of step 1 is exactly 0 (one sample):
+    # its rounding noise ~1e-16 g^2 is amplified by g^2 / eps, so eps must not be tiny here
+    (dict(bias_correction=True, centered=True, eps=0.1),
+     dict(bias_correction=True, centered=True, eps=0.1)),
+    # the TF1 / timm RMSpropTF form: s_0 = 1, eps inside, lr inside the buffer
+    (dict(initial_scale=1.0, momentum=0.9, eps=1e-10), dict(initial_accumulator_value=1.0,
+                                                            momentum=0.9, eps=1e-10)),
+]
+
+
+@pytest.mark.parametrize("kwargs,overrides", OPTAX_VARIANTS)
+def test_optax_trajectory(kwargs, overrides):
+    pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(2)
+    params = _tree(rng)
+    seq = _grads(2, STEPS)
+    schedule = lambda count: jnp.where(count < 6, LRS[0], LRS[-1])  # noqa: E731
+    tx = optax.chain(optax.add_decayed_weights(0.02, mask=MASK),
+                     optax.rmsprop(schedule, **{"decay": 0.9, "eps": 1e-6, **kwargs}))
+    hp = {**reference.get("rmsprop").dialect("optax"), "eps": 1e-6, "weight_decay": 0.02,
+          "weight_decay_mask": "ndim>=2", **overrides}
+    hp.pop("lr")
+    trace = _run(params, seq, lrs=LRS, **hp)
+    jp = {p: jnp.asarray(v) for p, v in params.items()}
+    state = tx.init(jp)
+    update = jax.jit(tx.update)
+    for k, g in enumerate(seq):
+        updates, state = update({p: jnp.asarray(v) for p, v in g.items()}, state, jp)
+        jp = optax.apply_updates(jp, updates)
+        w_ref, s_ref = trace[k]
+        assert _rel({p: np.asarray(v) for p, v in jp.items()}, w_ref) < 1e-12
+        rms_state = state[1][0]
+        assert _rel({p: np.asarray(v) for p, v in rms_state.nu.items()}, s_ref["square_avg"]) < 1e-12
+        if hp["centered"]:
+            assert _rel({p: np.asarray(v) for p, v in rms_state.mu.items()}, s_ref["grad_avg"]) < 1e-12
+        if hp["momentum"]:
+            trace_state = state[1][2].trace  # after scale_by_learning_rate: holds -b
+            assert _rel({p: -np.asarray(v) for p, v in trace_state.items()},
+                        s_ref["momentum_buffer"]) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input and the harness form
+# ------------------------------------------------------------------------------------------
+
+
+def test_bad_hparams_name_the_argument():
+    params = {"w": np.ones((2, 2))}
+    with pytest.raises(ValueError, match="alpha"):
+        rmsprop.init(params, alpha=1.0)
+    with pytest.raises(ValueError, match="eps_placement"):
+        rmsprop.init(params, eps_placement="both")
+    with pytest.raises(ValueError, match="lr_placement"):
+        rmsprop.init(params, lr_placement="middle")
+    with pytest.raises(ValueError, match="momentum"):
+        rmsprop.init(params, momentum=-0.1)
+    with pytest.raises(TypeError, match="centered"):
+        rmsprop.init(params, centered="yes")
+    with pytest.raises(TypeError, match="decay"):
+        rmsprop.init(params, decay=0.9)
+
+
+def test_harness_form():
+    op = reference.get("rmsprop")
+    rng = np.random.default_rng(3)
+    inputs = {"params/fc/weight": rng.standard_normal((3, 4)), "params/fc/bias": rng.standard_normal(3),
+              "grads/fc/weight": rng.standard_normal((3, 4)), "grads/fc/bias": rng.standard_normal(3)}
+    hp = op.spec.resolve({"momentum": 0.9, "centered": True}, dialect="tf1")
+    out, state = op.apply(inputs, None, **hp)
+    assert set(state) == {"step", *(f"{s}/fc/{p}" for s in ("square_avg", "grad_avg",
+                                                             "momentum_buffer")
+                                    for p in ("weight", "bias"))}
+    # s_0 = 1 (TF1): one step from init
+    g = inputs["grads/fc/bias"]
+    np.testing.assert_allclose(state["square_avg/fc/bias"], 0.9 + 0.1 * g * g, rtol=1e-15)
+    _, state2 = op.apply(inputs, state, **hp)
+    assert float(state2["step"]) == 2.0
