@@ -76,9 +76,10 @@ def step(
     first_step: str = "clone",
 ) -> tuple[Params, dict[str, Any]]:
     """One SGD step; see the module docstring for the update."""
-    if nesterov and (momentum <= 0.0 or dampening != 0.0):
-        raise ValueError(f"{OP}: nesterov needs momentum > 0 and dampening = 0 "
-                         f"(got momentum={momentum}, dampening={dampening})")
+    if nesterov and dampening != 0.0:
+        # Sutskever's Nesterov form has no dampening (torch refuses the combination too).  torch
+        # also refuses momentum = 0 with Nesterov; mathematically d = g then: plain SGD.
+        raise ValueError(f"{OP}: nesterov needs dampening = 0, got dampening={dampening}")
     t_array, t = next_step(state, params)
     params, grads = apply_weight_decay(params, grads, lr=lr, weight_decay=weight_decay,
                                        mode=weight_decay_mode, mask=weight_decay_mask)
