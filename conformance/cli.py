@@ -27,6 +27,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _backward(spec: Any) -> str:
+    """The backward kind, or "-" where there is none (optimizers, functions of a step count)."""
+    return spec.backward if spec.differentiable and not spec.is_optimizer else "-"
+
+
 def _spec_path(path: Path) -> str:
     try:
         return str(path.relative_to(Path.cwd()))
@@ -75,7 +80,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(records, indent=2))
         return 0
-    rows = [[s.name, s.family, s.backward, ", ".join(sorted(s.dialects)), _spec_path(s.path)] for s in specs]
+    rows = [[s.name, s.family, _backward(s), ", ".join(sorted(s.dialects)), _spec_path(s.path)] for s in specs]
     print(_table(rows, ["op", "family", "backward", "dialects", "spec"]))
     return 0
 
@@ -139,8 +144,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         out.append(f"Notes:     {c.notes}")
     out += [
         f"Spec:      {record['spec']}",
-        f"Oracle:    {spec.function}  (VJP: {spec.vjp})",
-        f"Backward:  {spec.backward}; tolerance class: {spec.tolerance}",
+        *([f"Oracle:    step {spec.function}, init {spec.init_state}",
+           "Checked:   as a free-running trajectory (conformance/trajectory.py)"] if spec.is_optimizer else
+          [f"Oracle:    {spec.function}  (VJP: {spec.vjp or 'none: no differentiable input'})",
+           f"Backward:  {_backward(spec)}; tolerance class: {spec.tolerance}"]),
         "",
         "Inputs:",
     ]
