@@ -671,7 +671,9 @@ def _apply_diagnosis(result: CaseResult, spec: reference.Spec, found: list[dict[
     names = [", ".join(f"{k}={v!r}" for k, v in change.items()) for change in found]
     also = f" (equivalently: {'; '.join(names[1:])})" if len(names) > 1 else ""
     result.diagnosis = names[0]
-    if all(spec.hparams[k].allowed is not None for k in found[0]):
+    # A convention is a switch with a fixed set of values; masks (which parameters a term
+    # applies to) are the case's own choice, like numeric values.
+    if all(spec.hparams[k].allowed is not None and spec.hparams[k].type != "mask" for k in found[0]):
         result.verdict = "CONVENTION"
         result.message = f"matches the oracle with {names[0]}{also} instead of the declared dialect"
     else:

@@ -1,0 +1,349 @@
+"""Gradient clipping (reference/optimizers/clipping.py; specs global_norm_clip, per_tensor_clip, agc).
+
+(1) the invariants of Pascanu et al. / Brock et al. as hypothesis properties, (2) float64
+trajectories against torch.nn.utils.clip_grad_norm_, optax.clip_by_global_norm /
+clip_by_block_rms / adaptive_grad_clip and pytorch_optimizer.agc, (3) bad input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference
+from reference.optimizers import clipping as C
+
+RTOL = 1e-12
+SHAPES_OUT_FIRST = {"conv/weight": (8, 3, 3, 3), "conv/bias": (8,), "attn/weight": (4, 6, 5),
+                    "fc/weight": (10, 16), "fc/bias": (10,)}
+# JAX layout: (in, out), HWIO, and a (1, n) row that optax treats as a vector.
+SHAPES_OUT_LAST = {"conv/weight": (3, 3, 4, 8), "attn/weight": (6, 4, 5), "fc/weight": (16, 10),
+                   "fc/bias": (10,), "row": (1, 7)}
+
+
+def _tree(rng, shapes, scale=1.0):
+    return {k: scale * rng.standard_normal(s) for k, s in shapes.items()}
+
+
+def _close(a, b, rtol=RTOL):
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=1e-300, err_msg=k)
+
+
+def _max_rel(a, b):
+    return max(float(np.max(np.abs(a[k] - b[k]) / np.maximum(np.abs(b[k]), 1e-300))) for k in a)
+
+
+def _gnorm(tree):
+    return float(np.sqrt(sum(np.sum(v * v) for v in tree.values())))
+
+
+# ------------------------------------------------------------------------------------------
+# (1) properties
+# ------------------------------------------------------------------------------------------
+
+seeds = st.integers(0, 2**32 - 1)
+log_scales = st.floats(-6.0, 6.0)
+
+
+@given(seed=seeds, log_scale=log_scales, c=st.floats(1e-3, 1e3), eps_add=st.sampled_from([0.0, 1e-6]))
+def test_global_clip_keeps_direction_and_bounds_norm(seed, log_scale, c, eps_add):
+    rng = np.random.default_rng(seed)
+    g = _tree(rng, SHAPES_OUT_FIRST, 10.0**log_scale)
+    out = C.clip_by_global_norm(g, c, eps_add=eps_add)
+    n = _gnorm(g)
+    if n + eps_add <= c:  # below the threshold: the very same arrays
+        assert all(out[k] is g[k] for k in g)
+        return
+    factor = c / (n + eps_add)
+    _close(out, {k: v * factor for k, v in g.items()}, rtol=1e-14)  # one common factor
+    assert _gnorm(out) <= c * (1 + 1e-13)
+    again = C.clip_by_global_norm(out, c, eps_add=eps_add)
+    # idempotent up to rounding with eps_add = 0; torch's + 1e-6 shrinks again by ~1e-6 / c
+    _close(again, out, rtol=1e-14 if eps_add == 0.0 else 2e-6 / c)
+
+
+def test_torch_eps_add_clips_just_below_c():
+    g = {"a": np.array([3.0, 4.0])}  # norm 5
+    c = 5.0 + 5e-7  # n < c < n + 1e-6
+    assert C.clip_by_global_norm(g, c)["a"] is g["a"]
+    shrunk = C.clip_by_global_norm(g, c, eps_add=1e-6)["a"]
+    np.testing.assert_allclose(shrunk, g["a"] * c / (5.0 + 1e-6), rtol=1e-15)
+    assert np.all(shrunk < g["a"])
+
+
+def test_nan_norm_poisons_every_gradient_as_frameworks_do():
+    g = {"a": np.array([np.nan, 1.0]), "b": np.array([1.0, 2.0])}
+    out = C.clip_by_global_norm(g, 1.0)
+    assert np.all(np.isnan(out["b"]))
+
+
+@given(seed=seeds, log_scale=log_scales, c=st.floats(1e-2, 1e2))
+def test_per_tensor_clip_bounds_each_tensor(seed, log_scale, c):
+    rng = np.random.default_rng(seed)
+    g = _tree(rng, SHAPES_OUT_FIRST, 10.0**log_scale)
+    out = C.clip_per_tensor(g, c)
+    for k, v in g.items():
+        n = float(np.linalg.norm(v))
+        if n <= c:
+            assert out[k] is v
+        else:
+            np.testing.assert_allclose(out[k], v * (c / n), rtol=1e-14)
+            assert np.linalg.norm(out[k]) <= c * (1 + 1e-13)
+        np.testing.assert_allclose(C.clip_per_tensor({k: out[k]}, c)[k], out[k], rtol=1e-14)  # idempotent
+        # a single tensor: per-tensor clipping is global clipping
+        np.testing.assert_array_equal(C.clip_by_global_norm({k: v}, c)[k], out[k])
+    # RMS measure = norm measure with the bound c sqrt(numel)
+    rms = C.clip_per_tensor(g, c, measure="rms")
+    for k, v in g.items():
+        np.testing.assert_allclose(rms[k], C.clip_per_tensor({k: v}, c * np.sqrt(v.size))[k], rtol=1e-14)
+
+
+@given(seed=seeds, log_w=log_scales, log_g=log_scales, lam=st.floats(1e-3, 1.0),
+       layout=st.sampled_from(C.UNIT_LAYOUTS), guarded=st.booleans())
+def test_agc_invariants(seed, log_w, log_g, lam, layout, guarded):
+    rng = np.random.default_rng(seed)
+    shapes = SHAPES_OUT_LAST if layout == "out_last" else SHAPES_OUT_FIRST
+    w = _tree(rng, shapes, 10.0**log_w)
+    # some units far below the threshold, some far above
+    g = {k: v * rng.choice([1e-4, 1.0, 1e4], size=v.shape[:1] + (1,) * (v.ndim - 1))
+         for k, v in _tree(rng, shapes, 10.0**log_g).items()}
+    eps = 1e-3
+    out = C.adaptive_grad_clip(w, g, clipping=lam, eps=eps, layout=layout, compare_guarded=guarded)
+    for k in g:
+        gn, wn = C.unitwise_norm(g[k], layout), C.unitwise_norm(w[k], layout)
+        limit = lam * np.maximum(wn, eps)
+        on = np.broadcast_to(np.maximum(gn, 1e-6) if guarded else gn, g[k].shape) > np.broadcast_to(limit, g[k].shape)
+        np.testing.assert_array_equal(out[k][~on], g[k][~on])  # unchanged units bit-identical
+        assert np.all(C.unitwise_norm(out[k], layout) <= limit * (1 + 1e-12) + 1e-300)
+        # each unit keeps its direction: out = s g with s in (0, 1]
+        ratio = np.where(g[k] != 0, out[k] / np.where(g[k] != 0, g[k], 1.0), 1.0)
+        assert np.all((ratio > 0) & (ratio <= 1 + 1e-15))
+    again = C.adaptive_grad_clip(w, out, clipping=lam, eps=eps, layout=layout, compare_guarded=guarded)
+    _close(again, out, rtol=1e-14)  # idempotent up to rounding
+
+
+@given(seed=seeds, lam=st.floats(1e-3, 1.0), k=st.integers(-20, 20))
+def test_agc_layouts_agree_on_transposed_weights_and_scale_exactly(seed, lam, k):
+    rng = np.random.default_rng(seed)
+    w = {"conv": rng.standard_normal((8, 3, 3, 3)), "fc": rng.standard_normal((10, 16)), "b": rng.standard_normal(10)}
+    g = {n: rng.standard_normal(v.shape) * 10.0 ** rng.uniform(-2, 2) for n, v in w.items()}
+    first = C.adaptive_grad_clip(w, g, clipping=lam, layout="out_first")
+    to_last = {"conv": lambda x: np.transpose(x, (2, 3, 1, 0)), "fc": lambda x: x.T, "b": lambda x: x}
+    last = C.adaptive_grad_clip({n: to_last[n](v) for n, v in w.items()},
+                                {n: to_last[n](v) for n, v in g.items()}, clipping=lam, layout="out_last")
+    for n in w:
+        np.testing.assert_allclose(to_last[n](first[n]), last[n], rtol=1e-14)
+    # a power of two scales every norm exactly: AGC(2^k W, 2^k G) = 2^k AGC(W, G) (eps floor inactive)
+    s = 2.0**k
+    if all(np.min(C.unitwise_norm(v)) * min(s, 1.0) > 1e-3 for v in w.values()):
+        scaled = C.adaptive_grad_clip({n: s * v for n, v in w.items()}, {n: s * v for n, v in g.items()},
+                                      clipping=lam)
+        for n in w:
+            np.testing.assert_array_equal(scaled[n], s * first[n])
+
+
+def test_unit_axes_per_layout():
+    assert C.unit_axes((8, 3, 3, 3), "out_first") == (1, 2, 3)
+    assert C.unit_axes((4, 6, 5), "out_first") == (1, 2)
+    assert C.unit_axes((4, 6, 5), "out_first_3d_dim1") == (1,)
+    assert C.unit_axes((8, 3, 3, 3), "out_first_3d_dim1") == (1, 2, 3)
+    assert C.unit_axes((3, 3, 4, 8), "out_last") == (0, 1, 2)
+    assert C.unit_axes((6, 4, 5), "out_last") == (0,)
+    assert C.unit_axes((1, 7), "out_last") is None  # squeeze(x).ndim <= 1: a vector
+    assert C.unit_axes((1, 7), "out_first") == (1,)
+    assert C.unit_axes((7,), "out_last") is None and C.unit_axes((), "out_first") is None
+
+
+def test_mask_leaves_unselected_gradients_alone():
+    rng = np.random.default_rng(0)
+    w, g = _tree(rng, SHAPES_OUT_FIRST), _tree(rng, SHAPES_OUT_FIRST, 100.0)
+    out = C.adaptive_grad_clip(w, g, mask="ndim>=2")
+    assert out["conv/bias"] is g["conv/bias"] and out["fc/bias"] is g["fc/bias"]
+    assert not np.array_equal(out["fc/weight"], g["fc/weight"])
+
+
+def test_raw_functions_keep_float32():
+    rng = np.random.default_rng(0)
+    w = {k: v.astype(np.float32) for k, v in _tree(rng, SHAPES_OUT_FIRST).items()}
+    g = {k: v.astype(np.float32) for k, v in _tree(rng, SHAPES_OUT_FIRST, 10.0).items()}
+    for step, init in ((C.step_agc, C.init_agc), (C.step_global_norm_clip, C.init_global_norm_clip),
+                       (C.step_per_tensor_clip, C.init_per_tensor_clip)):
+        new, _ = step.__wrapped__(w, g, init.__wrapped__(w), lr=1e-2, weight_decay=1e-3)
+        assert all(v.dtype == np.float32 for v in new.values()), step.__name__
+
+
+# ------------------------------------------------------------------------------------------
+# The optimizer ops and the harness form
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["global_norm_clip", "per_tensor_clip", "agc"])
+def test_harness_form_and_sgd_on_clipped_gradient(name):
+    rng = np.random.default_rng(1)
+    w, g = _tree(rng, SHAPES_OUT_FIRST), _tree(rng, SHAPES_OUT_FIRST, 3.0)
+    op = reference.get(name)
+    flat = {f"params/{k}": v for k, v in w.items()} | {f"grads/{k}": v for k, v in g.items()}
+    out, state = op.apply(flat, None, lr=0.1, weight_decay=0.01)
+    assert float(state["step"]) == 1.0
+    clipped = {"global_norm_clip": lambda: C.clip_by_global_norm(g, 1.0),
+               "per_tensor_clip": lambda: C.clip_per_tensor(g, 1.0),
+               "agc": lambda: C.adaptive_grad_clip(w, g)}[name]()
+    for k in w:
+        np.testing.assert_allclose(out[f"params/{k}"], w[k] - 0.1 * (clipped[k] + 0.01 * w[k]), rtol=1e-15)
+    out2, state2 = op.apply({**flat, **{f"params/{k}": out[f"params/{k}"] for k in w}}, state, lr=0.1)
+    assert float(state2["step"]) == 2.0
+
+
+# ------------------------------------------------------------------------------------------
+# (2) float64 trajectories against the frameworks
+# ------------------------------------------------------------------------------------------
+
+STEPS = 12
+LRS = [1e-2] * 6 + [5e-3] * 6  # a mid-run lr change
+
+
+def _grads(rng, shapes, i):
+    return _tree(rng, shapes, 3.0 if i % 2 else 0.05)  # alternately clipped and not
+
+
+def _torch_run(shapes, clip_fn, weight_decay, seed=3):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    w0 = _tree(rng, shapes)
+    ps = [torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for v in w0.values()]
+    opt = torch.optim.SGD(ps, lr=LRS[0], weight_decay=weight_decay)
+    grads = []
+    for i in range(STEPS):
+        g = _grads(rng, shapes, i)
+        grads.append(g)
+        for p, k in zip(ps, shapes, strict=True):
+            p.grad = torch.tensor(g[k], dtype=torch.float64)
+        clip_fn(ps)
+        for group in opt.param_groups:
+            group["lr"] = LRS[i]
+        opt.step()
+    return w0, grads, {k: p.detach().numpy() for p, k in zip(ps, shapes, strict=True)}
+
+
+def _oracle_run(name, w0, grads, **hp):
+    op = reference.get(name)
+    state = op.init(w0, **hp)
+    w = dict(w0)
+    for i, g in enumerate(grads):
+        w, state = op.step(w, g, state, lr=LRS[i], **hp)
+    return w
+
+
+def test_torch_clip_grad_norm_then_sgd():
+    torch = pytest.importorskip("torch")
+    w0, grads, got = _torch_run(SHAPES_OUT_FIRST, lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.5), 1e-2)
+    want = _oracle_run("global_norm_clip", w0, grads, max_norm=1.5, eps_add=1e-6, weight_decay=1e-2)
+    assert _max_rel(got, want) < RTOL
+
+
+def test_torch_clip_grad_norm_per_tensor_then_sgd():
+    torch = pytest.importorskip("torch")
+
+    def per_tensor(ps):
+        for p in ps:
+            torch.nn.utils.clip_grad_norm_([p], 0.7)
+
+    w0, grads, got = _torch_run(SHAPES_OUT_FIRST, per_tensor, 1e-2)
+    want = _oracle_run("per_tensor_clip", w0, grads, max_norm=0.7, eps_add=1e-6, weight_decay=1e-2)
+    assert _max_rel(got, want) < RTOL
+
+
+def test_pytorch_optimizer_agc_then_sgd():
+    pytest.importorskip("torch")
+    po = pytest.importorskip("pytorch_optimizer")
+
+    def agc(ps):
+        for p in ps:
+            p.grad.copy_(po.agc(p.detach(), p.grad, 1e-3, 0.02))
+
+    w0, grads, got = _torch_run(SHAPES_OUT_FIRST, agc, 1e-2)
+    want = _oracle_run("agc", w0, grads, clipping=0.02, layout="out_first_3d_dim1", compare_guarded=True,
+                       weight_decay=1e-2)
+    assert _max_rel(got, want) < RTOL
+    # the 3-D tensor tells the layouts apart
+    other = _oracle_run("agc", w0, grads, clipping=0.02, layout="out_first", weight_decay=1e-2)
+    assert _max_rel({"a": got["attn/weight"]}, {"a": other["attn/weight"]}) > 1e-6
+
+
+def _optax_run(shapes, clip, weight_decay, seed=4):
+    pytest.importorskip("jax")
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    w0 = _tree(rng, shapes)
+    schedule = lambda count: jnp.where(count < 6, LRS[0], LRS[-1])  # noqa: E731
+    tx = optax.chain(clip, optax.add_decayed_weights(weight_decay), optax.sgd(schedule))
+    params = {k: jnp.asarray(v) for k, v in w0.items()}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    grads = []
+    for i in range(STEPS):
+        g = _grads(rng, shapes, i)
+        grads.append(g)
+        updates, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+    return w0, grads, {k: np.asarray(v) for k, v in params.items()}
+
+
+def test_optax_clip_by_global_norm():
+    optax = pytest.importorskip("optax")
+    w0, grads, got = _optax_run(SHAPES_OUT_LAST, optax.clip_by_global_norm(1.5), 1e-2)
+    assert next(iter(got.values())).dtype == np.float64
+    want = _oracle_run("global_norm_clip", w0, grads, max_norm=1.5, eps_add=0.0, weight_decay=1e-2)
+    assert _max_rel(got, want) < RTOL
+
+
+def test_optax_clip_by_block_rms():
+    optax = pytest.importorskip("optax")
+    w0, grads, got = _optax_run(SHAPES_OUT_LAST, optax.clip_by_block_rms(0.3), 1e-2)
+    want = _oracle_run("per_tensor_clip", w0, grads, max_norm=0.3, measure="rms", weight_decay=1e-2)
+    assert _max_rel(got, want) < RTOL
+
+
+def test_optax_adaptive_grad_clip():
+    optax = pytest.importorskip("optax")
+    w0, grads, got = _optax_run(SHAPES_OUT_LAST, optax.adaptive_grad_clip(0.05, eps=1e-3), 1e-2)
+    want = _oracle_run("agc", w0, grads, clipping=0.05, layout="out_last", weight_decay=1e-2)
+    assert _max_rel(got, want) < RTOL
+    # the (1, 7) row is one unit for optax (squeeze rule); per-column units would differ
+    other = _oracle_run("agc", w0, grads, clipping=0.05, layout="out_first", weight_decay=1e-2)
+    assert _max_rel({"r": got["row"]}, {"r": other["row"]}) < RTOL  # (1, n): dims 1.. = whole
+    assert _max_rel({"a": got["fc/weight"]}, {"a": other["fc/weight"]}) > 1e-6
+
+
+# ------------------------------------------------------------------------------------------
+# (3) bad input
+# ------------------------------------------------------------------------------------------
+
+
+def test_bad_hparams_name_the_argument():
+    w = {"w": np.ones((2, 3))}
+    g = {"w": np.ones((2, 3))}
+    with pytest.raises(ValueError, match="max_norm"):
+        reference.get("global_norm_clip").step(w, g, max_norm=0.0)
+    with pytest.raises(ValueError, match="eps_add"):
+        reference.get("global_norm_clip").step(w, g, eps_add=1e-3)
+    with pytest.raises(ValueError, match="layout"):
+        reference.get("agc").step(w, g, layout="nchw")
+    with pytest.raises(ValueError, match="measure"):
+        reference.get("per_tensor_clip").step(w, g, measure="max")
+    with pytest.raises(ValueError, match="clipping"):
+        reference.get("agc").step(w, g, clipping=-1.0)
+    with pytest.raises(ValueError, match="layout"):
+        C.unitwise_norm(np.ones((2, 2)), "hwio")
+    with pytest.raises(ValueError, match="max_norm"):
+        C.clip_by_global_norm(g, -1.0)
+    with pytest.raises(ValueError, match="grads"):
+        reference.get("agc").step(w, {"w": np.ones((3, 2))})
