@@ -663,6 +663,10 @@ def _diagnose_trajectory(run: _Trajectory, history: list[_Step]) -> list[dict[st
     return _search_knobs(run.op, history[0].hp, lambda change: _explains_trajectory(run, history, change))
 
 
+def _is_switch(param: Any) -> bool:
+    return param.type == "bool" or (param.allowed is not None and param.type != "mask")
+
+
 def _apply_diagnosis(result: CaseResult, spec: reference.Spec, found: list[dict[str, Any]]) -> None:
     """CONVENTION when a convention switch explains the FAIL.  When only numeric values (eps,
     momentum) explain it, the adapter ignores a value the case gave it: that stays a FAIL."""
@@ -671,9 +675,10 @@ def _apply_diagnosis(result: CaseResult, spec: reference.Spec, found: list[dict[
     names = [", ".join(f"{k}={v!r}" for k, v in change.items()) for change in found]
     also = f" (equivalently: {'; '.join(names[1:])})" if len(names) > 1 else ""
     result.diagnosis = names[0]
-    # A convention is a switch with a fixed set of values; masks (which parameters a term
-    # applies to) are the case's own choice, like numeric values.
-    if all(spec.hparams[k].allowed is not None and spec.hparams[k].type != "mask" for k in found[0]):
+    # A convention is a switch: a fixed set of values, or a bool that a dialect table sets (the
+    # official code's bugs on or off); masks (which parameters a term applies to) are the case's
+    # own choice, like numeric values.
+    if all(_is_switch(spec.hparams[k]) for k in found[0]):
         result.verdict = "CONVENTION"
         result.message = f"matches the oracle with {names[0]}{also} instead of the declared dialect"
     else:
@@ -774,7 +779,7 @@ def _search_knobs(op: reference.Op, current: dict[str, Any],
                   explains: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
     """Every single knob value that ``explains`` the results, else the first pair that does."""
     spec = op.spec
-    knobs = sorted(dialect_knobs(op.name).items(), key=lambda kv: spec.hparams[kv[0]].allowed is None)
+    knobs = sorted(dialect_knobs(op.name).items(), key=lambda kv: not _is_switch(spec.hparams[kv[0]]))
     singles = [{k: v} for k, vals in knobs for v in vals if v != current.get(k)]
     found = [change for change in singles if explains(change)]
     if found:

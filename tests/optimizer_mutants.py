@@ -301,10 +301,168 @@ class SGDMomentumBufferNotStored(OptimizerMutant):
         return new_params, new_state
 
 
+# -- AdaGrad, RMSprop ----------------------------------------------------------------------------
+
+TORCH_ADAGRAD = {"eps_placement": "outside", "empty_accumulator": "divide", "weight_decay_mode": "l2"}
+TORCH_RMSPROP = {"eps_placement": "outside", "lr_placement": "outside", "weight_decay_mode": "l2"}
+
+
+class AdagradEpsInsideRoot(OptimizerMutant):
+    """AdaGrad with eps inside the root, sqrt(s + eps) (optax's form), while claiming torch's."""
+
+    op, dialect = "adagrad", TORCH_ADAGRAD
+    expect = ("CONVENTION", "eps_placement=inside")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, eps_placement="inside")
+
+
+class AdagradAccumulatorOverwritten(OptimizerMutant):
+    """AdaGrad overwriting its accumulator with g^2 every step instead of adding to it."""
+
+    op, dialect = "adagrad", TORCH_ADAGRAD
+
+    def step(self, params, grads, state, hp):
+        empty = {p: np.zeros_like(v) for p, v in state["sum"].items()}
+        return self.oracle(params, grads, {**state, "sum": empty}, hp)
+
+
+class RMSpropCenteredIgnored(OptimizerMutant):
+    """Centered RMSprop that never subtracts the mean gradient (centered=True is accepted, ignored)."""
+
+    op, dialect = "rmsprop", TORCH_RMSPROP
+
+    def step(self, params, grads, state, hp):
+        if not hp["centered"]:
+            return self.oracle(params, grads, state, hp)
+        new_params, new_state = self.oracle(params, grads, state, {**hp, "centered": False})
+        kept = {k: v for k, v in self.oracle(params, grads, state, hp)[1].items() if k not in new_state}
+        return new_params, {**new_state, **kept}
+
+
+class RMSpropLrInsideBuffer(OptimizerMutant):
+    """Momentum RMSprop keeping the lr inside the buffer (TF, optax) while claiming torch's form."""
+
+    op, dialect = "rmsprop", TORCH_RMSPROP
+    expect = ("CONVENTION", "lr_placement=inside")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, lr_placement="inside")
+
+
+# -- large-batch optimizers -------------------------------------------------------------------------
+
+OPTAX_LARS = {"trust_denominator": "norm_of_sum", "zero_norm_rule": "one", "lr_placement": "inside",
+              "first_step": "zeros", "trust_clip": False, "always_adapt": True}
+PAPER_LARS = {**OPTAX_LARS, "trust_denominator": "sum_of_norms"}
+OPTAX_LAMB = {"bias_correction": "adam", "weight_decay_mode": "update", "trust_scope": "all",
+              "trust_clip": False}
+
+
+class LARSExcludesNothing(OptimizerMutant):
+    """LARS adapting every tensor: the trust-ratio exclusion mask (biases, norms) is ignored."""
+
+    op, dialect = "lars", OPTAX_LARS
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, trust_mask="all", weight_decay_mask="all")
+
+
+class LARSNormOfSumClaimingPaper(OptimizerMutant):
+    """LARS with optax's ||g + lambda w|| denominator while claiming the paper's ||g|| + lambda ||w||."""
+
+    op, dialect = "lars", PAPER_LARS
+    expect = ("CONVENTION", "trust_denominator=norm_of_sum")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, trust_denominator="norm_of_sum")
+
+
+class LAMBTrustRatioOnRawGradient(OptimizerMutant):
+    """LAMB computing the trust ratio ||w|| / ||g|| from the raw gradient instead of the update."""
+
+    op, dialect = "lamb", OPTAX_LAMB
+
+    def step(self, params, grads, state, hp):
+        plain, new_state = self.oracle(params, grads, state, hp, trust_mask="none")
+        trusted = mask_of(hp["trust_mask"], params)
+        out = {}
+        for p, w in params.items():
+            wn, gn = float(np.linalg.norm(w)), float(np.linalg.norm(grads[p]))
+            ratio = wn / gn if trusted[p] and wn > 0 and gn > 0 else 1.0
+            out[p] = w - (w - plain[p]) * ratio
+        return out, new_state
+
+
+class LionSignOfMomentum(OptimizerMutant):
+    """Lion taking sign(m) of the stored momentum instead of the interpolation c = b1 m + (1-b1) g."""
+
+    op, dialect = "lion", {"weight_decay_mode": "decoupled_lr"}
+
+    def step(self, params, grads, state, hp):
+        new_params, _ = self.oracle(params, grads, state, {**hp, "beta1": 1.0})
+        _, new_state = self.oracle(params, grads, state, hp)
+        return new_params, new_state
+
+
+class NovoGradSecondMomentFromZero(OptimizerMutant):
+    """NovoGrad starting its layer-wise second moment at 0 (v_1 = (1-b2)||g||^2, not ||g||^2)."""
+
+    op, dialect = "novograd", {"eps_mode": "outside", "first_moment_init": "first_step",
+                               "weight_decay_mode": "moment"}
+
+    def step(self, params, grads, state, hp):
+        if float(state["step"]) == 0:
+            # the oracle's "later step" branch from a zero second moment: v_1 = (1 - b2) ||g||^2
+            new_params, new_state = self.oracle(params, grads, {**state, "step": np.asarray(1.0)}, hp)
+            return new_params, {**new_state, "step": np.asarray(1.0)}
+        return self.oracle(params, grads, state, hp)
+
+
+class GlobalNormClipPerTensor(OptimizerMutant):
+    """Global-norm clipping that clips each tensor by its own norm (the global norm never formed)."""
+
+    op, dialect = "global_norm_clip", {}
+
+    def step(self, params, grads, state, hp):
+        out, new_state = {}, None
+        for p in params:
+            o, new_state = self.oracle({p: params[p]}, {p: grads[p]}, state, hp)
+            out.update(o)
+        return out, new_state
+
+
+class AGCOutputUnitsOnTheLastAxis(OptimizerMutant):
+    """AGC reducing over the JAX (HWIO, output last) axes on PyTorch-layout weights."""
+
+    op, dialect = "agc", {"layout": "out_first", "compare_guarded": False}
+    expect = ("CONVENTION", "layout=out_last")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, layout="out_last")
+
+
+class Ranger21OfficialBugsClaimingPaper(OptimizerMutant):
+    """Ranger21 with the official code's deviations (decay on the last parameter only, beta2 in the
+    noise norm, ...) while claiming the paper's algorithm."""
+
+    op = "ranger21"
+    dialect = {"bug_compatible": False, "preprocess_twice": False, "variance_sum_init": 0.0,
+               "unit_layout": "out_first", "softplus_form": "exact", "agc_compare_guarded": False}
+    expect = ("CONVENTION", "bug_compatible=True")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, bug_compatible=True)
+
+
 CATALOGUE: list[type[OptimizerMutant]] = [
     AdamEpsInsideRoot, AdamNoBiasCorrection, AdamStepCountFrozen, AdamSecondMomentOfAbs,
     AdamKerasEpsHat, AMSGradMaxAfterBiasCorrection, AMSGradMaxNeverStored,
     AdamWDecayNotScaledByLr, AdamWDecayAfterUpdate, AdamWDecayIgnoresMask, AdamWDecayCoupled,
     SGDNesterovLookAheadTwice, SGDDampeningOnFirstStep, SGDLrInsideBuffer,
     SGDWeightDecayOutsideMomentum, SGDMomentumBufferNotStored,
+    AdagradEpsInsideRoot, AdagradAccumulatorOverwritten, RMSpropCenteredIgnored, RMSpropLrInsideBuffer,
+    LARSExcludesNothing, LARSNormOfSumClaimingPaper, LAMBTrustRatioOnRawGradient, LionSignOfMomentum,
+    NovoGradSecondMomentFromZero, GlobalNormClipPerTensor, AGCOutputUnitsOnTheLastAxis,
+    Ranger21OfficialBugsClaimingPaper,
 ]
