@@ -80,7 +80,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(records, indent=2))
         return 0
-    rows = [[s.name, s.family, _backward(s), ", ".join(sorted(s.dialects)), _spec_path(s.path)] for s in specs]
+    rows = [[s.name, s.family, _backward(s), ", ".join(sorted(s.dialects)), _spec_path(s.path)]
+            for s in specs]
     print(_table(rows, ["op", "family", "backward", "dialects", "spec"]))
     return 0
 

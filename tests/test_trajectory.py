@@ -78,7 +78,7 @@ def test_the_accumulated_bound_is_needed_over_long_trajectories(monkeypatch):
     planned = [p for p in _plan(adapter, "sgd", profile="thorough") if p.name == "momentum_fixed"]
     with_propagation = runner.run(adapter, planned, profile="thorough")[0]
     assert with_propagation.verdict == "PASS", with_propagation.message
-    monkeypatch.setattr(tolerance, "propagate",
+    monkeypatch.setattr(trajectory, "propagate",
                         lambda *a, center, **k: {key: np.zeros(np.shape(v)) for key, v in center.items()})
     local_only = runner.run(adapter, planned, profile="thorough")[0]
     assert local_only.verdict == "FAIL" and local_only.step > 20, local_only.message
