@@ -86,7 +86,6 @@ __all__ = [
     "Comparison",
     "bound",
     "compare",
-    "propagate",
     "sensitivity",
 ]
 
@@ -166,61 +165,6 @@ def _probe_groups(arrays: dict[str, np.ndarray], groups: dict[str, str | None] |
         if group is not None:
             found.setdefault(group, []).append(name)
     return list(found.values())
-
-
-def propagate(
-    evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-    arrays: dict[str, np.ndarray],
-    incoming: dict[str, np.ndarray],
-    *,
-    seed: int = 0,
-    center: dict[str, np.ndarray] | None = None,
-    groups: dict[str, str | None] | None = None,
-    probes: int = 2,
-) -> dict[str, np.ndarray]:
-    """How far errors already in the inputs carry into the outputs: ``|J e|`` for ``|e| = b``.
-
-    ``incoming[name]`` bounds the error an implementation may already carry in ``arrays[name]``
-    (the bound of the previous step of a trajectory).  One signed error vector ``e = b * sign``
-    (a random sign per element) is pushed through the step: each probe group is moved by ``t e``
-    on its own, with t chosen per group so that ``t b`` is about 2^-20 of the group's magnitude
-    (first order, and far above float64 rounding whatever the size of b), the signed changes
-    ``(F(x + t e_g) - F(x)) / t`` are summed over the groups (= ``J e`` to first order, each group
-    resolved at its own scale), and ``|J e|`` is kept, the largest over ``probes`` sign vectors.
-
-    The response is signed (the Jacobian applied to one error vector), not a sum of
-    ``|J_g| b_g`` over the groups: a converging iteration such as Adam near a minimum oscillates
-    (J has complex eigenvalues inside the unit circle) while ``|J|`` has spectral radius above 1,
-    so summing absolute contributions makes the bound grow geometrically (measured: x1.5 per step
-    on the quadratic case, 1e16 in 100 steps) where the actual errors stay at rounding level.  For
-    an elementwise map of one array it reads ``|J_ii| b_i`` exactly.  Exact arrays (``groups``
-    maps them to None) are never moved.
-    """
-    rng = np.random.default_rng([seed, 0x9A0B])
-    center = evaluate(arrays) if center is None else center
-    total = {key: np.zeros(np.shape(v)) for key, v in center.items()}
-    moving = []
-    for members in _probe_groups(arrays, groups):
-        names = [n for n in members if n in incoming and np.any(incoming[n] > 0)]
-        if not names:
-            continue
-        scale = max(float(np.max(np.abs(arrays[n]))) for n in names)
-        biggest = max(float(np.max(incoming[n])) for n in names)
-        if math.isfinite(scale) and math.isfinite(biggest) and biggest > 0.0:
-            moving.append((names, RELATIVE_STEPS[0] * max(scale, biggest) / biggest))
-    for _ in range(probes):
-        response = {key: np.zeros(np.shape(v)) for key, v in center.items()}
-        for names, t in moving:
-            moved = evaluate({**arrays, **{n: arrays[n] + t * incoming[n]
-                                           * _direction(rng, np.shape(arrays[n]), "sign")
-                                           for n in names}})
-            for key, base in center.items():
-                with np.errstate(invalid="ignore", over="ignore"):
-                    d = (np.asarray(moved[key]) - np.asarray(base)) / t
-                response[key] = response[key] + np.where(np.isfinite(d), d, 0.0)
-        for key in total:
-            total[key] = np.maximum(total[key], np.abs(response[key]))
-    return total
 
 
 def bound(

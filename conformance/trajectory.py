@@ -28,15 +28,21 @@ Accumulated bound.  The error of step k+1 is the rounding error the step itself 
 error already present in its inputs, carried through the step map F_k (parameters, state and,
 for model sources, the gradient as a function of the parameters):
 
-    B_{k+1} = b_k + |J_{F_k}| B_k,      B_0 = 0
+    B_{k+1} = b_k + P_k(B_k),      B_0 = 0
 
 b_k is the single-step bound of :mod:`conformance.tolerance` at the oracle's point (sensitivity
-of the step to its parameters, gradients and state, each group probed separately; exact counters
-are not perturbed; plus the float32 same-formula baseline).  ``|J| B_k`` is measured by
-:func:`conformance.tolerance.propagate` (random-sign moves of size B_k, first order).  An EMA
-forgets old errors (factor beta per step), a model gradient can amplify them (1 + lr a on the
-quadratic): the bound grows exactly as the trajectory's own conditioning says, never by a tuned
-factor.  Nothing is re-synchronized, so a wrong step shows at that step and stays visible.
+of the step to its parameters, gradients and state, each group probed separately along sign
+directions, which for an elementwise step reads |J_ii| |a_i| exactly; exact counters are not
+perturbed; plus the float32 same-formula baseline).  P_k(B) is the first-order effect of an
+error of size B in the step's inputs, measured by :func:`propagate`: each probe group
+(parameters, each state slot) moved element by element, rescaled to B, and the groups' effects
+combined in quadrature (independent roundings; the worst-case sum |J| B grows geometrically on
+a converging oscillation whose actual errors do not).  An EMA forgets old errors (factor beta
+per step), a model gradient can amplify them (1 + lr a on the quadratic), a tiny second moment
+amplifies them by lr a / sqrt(v): the bound follows the trajectory's own conditioning, never a
+tuned factor, and a quantity it can no longer resolve becomes MISTRUSTED.  Without P_k a correct
+float32 trajectory exceeds the single-step bounds after a few dozen steps (tested).  Nothing is
+re-synchronized, so a wrong step shows at that step and stays visible.
 """
 
 from __future__ import annotations

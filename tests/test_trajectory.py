@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import reference
-from conformance import runner, tolerance, trajectory
+from conformance import runner, trajectory
 from conformance.adapters import OpSupport, Request, Response
 from conformance.adapters.numpy32 import NumPy32Adapter
 
