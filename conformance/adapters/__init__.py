@@ -54,10 +54,11 @@ BUILTIN = {
     "numpy32": "conformance.adapters.numpy32",
     "torch": "conformance.adapters.torch",
     "jax": "conformance.adapters.jax",
+    "pytorch_optimizer": "conformance.adapters.pytorch_optimizer",
 }
 
 #: The framework package each built-in adapter needs (None: always available).
-REQUIRES = {"numpy32": None, "torch": "torch", "jax": "jax"}
+REQUIRES = {"numpy32": None, "torch": "torch", "jax": "jax", "pytorch_optimizer": "pytorch_optimizer"}
 
 
 class Unsupported(Exception):

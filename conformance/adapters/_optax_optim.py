@@ -5,12 +5,14 @@ hyper-parameters (a constant ``learning_rate`` equal to this step's lr: the sche
 the harness, which is exact for every optax optimizer since the rate never enters the state
 except through the updates themselves), initializes its state for the parameters, replaces the
 state's fields (``count``, ``mu``, ``nu``, ``trace``, ...) with the request's values, calls
-``update`` and ``optax.apply_updates`` (jitted), and reads the same fields back.  The jax adapter
+``update`` and ``optax.apply_updates`` (jitted, as in a training step, and cached per
+hyper-parameters and shapes), and reads the same fields back.  The jax adapter
 enables x64 when it is created, so float64 runs in float64.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -57,8 +59,7 @@ class OptaxStep(OptimizerRequest):
         if count is not None:
             values[count] = jnp.asarray(self.step_count, dtype=jnp.int32)
         state = replace_fields(state, values)
-        updates, new_state = tx.update(self.jgrads, state, self.jparams)
-        new_params = optax.apply_updates(self.jparams, updates)
+        new_params, new_state = _compiled(self._key(op, fields, count), tx)(self.jgrads, state, self.jparams)
         outputs = {f"params/{p}": np.asarray(v) for p, v in new_params.items()}
         read = read_fields(new_state, [*fields, *([count] if count else [])])
         out_state: dict[str, np.ndarray] = {"step": np.asarray(float(self.step_count + 1))}
@@ -67,6 +68,39 @@ class OptaxStep(OptimizerRequest):
             if isinstance(tree, dict):
                 out_state.update({f"{slot}/{p}": np.asarray(v) for p, v in tree.items()})
         return Response(outputs=outputs, state=out_state)
+
+
+    def _key(self, op: str, fields: dict[str, str], count: str | None) -> tuple[Any, ...]:
+        """What determines the transformation a mapping builds: op, dtype, hyper-parameters
+        (this step's lr included), parameter shapes, and the fields it reads."""
+        hp = tuple(sorted((k, v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+                          for k, v in self.request.hparams.items()))
+        shapes = tuple((p, tuple(np.shape(v))) for p, v in self.params.items())
+        return (op, self.request.dtype, hp, shapes, tuple(fields.items()), count)
+
+
+#: Jitted ``update`` + ``apply_updates`` per key (see OptaxStep._key): optax runs jitted in a
+#: training step, and eager dispatch of a whole chain costs ~0.1 s a call.  The lr enters the key,
+#: so a step under a constant (or piecewise constant) rate reuses the compiled step.
+_COMPILED: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_CACHE_SIZE = 256
+
+
+def _compiled(key: tuple[Any, ...], tx: optax.GradientTransformation) -> Any:
+    found = _COMPILED.get(key)
+    if found is None:
+        import jax
+
+        def step(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+            updates, new_state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), new_state
+
+        found = _COMPILED[key] = jax.jit(step)
+        if len(_COMPILED) > _CACHE_SIZE:
+            _COMPILED.popitem(last=False)
+    else:
+        _COMPILED.move_to_end(key)
+    return found
 
 
 def replace_fields(state: Any, values: dict[str, Any]) -> Any:
