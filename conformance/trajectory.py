@@ -306,8 +306,10 @@ def propagate(
     """``|J e|`` for the carried error ``e = B * sign`` of a trajectory step (module docstring).
 
     Optimizers are elementwise per parameter (or couple a tensor through its norm), so each
-    element is moved by its own amount, 2^-20 of its magnitude (at least of its array's RMS),
-    whatever its carried bound: a first-order move far above float64 rounding for every element.
+    element is moved by its own amount: 2^-20 of its magnitude (a first-order move far above
+    float64 rounding, whatever the size of its bound), or its bound itself where that is larger
+    (an element already that uncertain is probed at the size of its uncertainty: an exact 0, a
+    second moment near a maximum it may or may not exceed).
     The response of an output element on parameter path p is rescaled by ``B_i / move_i`` of the
     input element with the same index on the same path, which for an elementwise map is exactly
     ``J_g e_g`` for the group g (parameters, each slot); the groups' responses are combined in
@@ -342,9 +344,10 @@ def propagate(
             move, per_input = {}, {}
             for n in names:
                 x = np.abs(np.asarray(arrays[n], dtype=np.float64))
-                rms = float(np.sqrt(np.mean(x**2))) if x.size and np.max(x) < 1e150 else float(np.max(x))
-                size = tolerance.RELATIVE_STEPS[0] * np.maximum(x, rms if rms > 0 else 1.0)
-                move[n] = size * rng.choice(np.array([-1.0, 1.0]), size=np.shape(x))
+                size = np.maximum(tolerance.RELATIVE_STEPS[0] * x, incoming[n])
+                size = np.where(size > 0, size, 1.0)  # no bound, no move: its factor below is 0
+                move[n] = np.where(incoming[n] > 0, size, 0.0) * rng.choice(np.array([-1.0, 1.0]),
+                                                                           size=np.shape(x))
                 per_input[_element_space(n)] = incoming[n] / size
             moved = evaluate({**arrays, **{n: arrays[n] + move[n] for n in names}})
             for key, base in center.items():
