@@ -138,9 +138,10 @@ def sensitivity(
     for members in _probe_groups(arrays, groups):
         best = {key: np.zeros(np.shape(v)) for key, v in center.items()}
         for _, e in itertools.product(range(PROBES), RELATIVE_STEPS):
-            moved = evaluate({**arrays, **{name: arrays[name] + e * np.abs(arrays[name])
-                                           * _direction(rng, np.shape(arrays[name]), directions)
-                                           for name in members}})
+            with np.errstate(invalid="ignore", over="ignore"):  # inf inputs: inf - inf is judged
+                moved_inputs = {name: arrays[name] + e * np.abs(arrays[name])
+                                * _direction(rng, np.shape(arrays[name]), directions) for name in members}
+            moved = evaluate({**arrays, **moved_inputs})
             for key, base in center.items():
                 with np.errstate(invalid="ignore", over="ignore"):
                     s = np.abs(np.asarray(moved[key]) - np.asarray(base)) / e

@@ -455,6 +455,15 @@ class Ranger21OfficialBugsClaimingPaper(OptimizerMutant):
         return self.oracle(params, grads, state, hp, bug_compatible=True)
 
 
+class LookaheadSyncsEveryKPlus1(OptimizerMutant):
+    """Lookahead syncing the slow weights every k+1 inner steps (an off-by-one in the counter)."""
+
+    op, dialect = "lookahead", {"slow_init": "params", "reset_state": False}
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, k=hp["k"] + 1)
+
+
 CATALOGUE: list[type[OptimizerMutant]] = [
     AdamEpsInsideRoot, AdamNoBiasCorrection, AdamStepCountFrozen, AdamSecondMomentOfAbs,
     AdamKerasEpsHat, AMSGradMaxAfterBiasCorrection, AMSGradMaxNeverStored,
@@ -464,5 +473,5 @@ CATALOGUE: list[type[OptimizerMutant]] = [
     AdagradEpsInsideRoot, AdagradAccumulatorOverwritten, RMSpropCenteredIgnored, RMSpropLrInsideBuffer,
     LARSExcludesNothing, LARSNormOfSumClaimingPaper, LAMBTrustRatioOnRawGradient, LionSignOfMomentum,
     NovoGradSecondMomentFromZero, GlobalNormClipPerTensor, AGCOutputUnitsOnTheLastAxis,
-    Ranger21OfficialBugsClaimingPaper,
+    Ranger21OfficialBugsClaimingPaper, LookaheadSyncsEveryKPlus1,
 ]
