@@ -99,12 +99,16 @@ def _adam_like(params: Tree, grads: Tree, state: Tree, hp: dict[str, Any], direc
         params, grads = apply_weight_decay(params, grads, lr=hp["lr"], weight_decay=hp["weight_decay"],
                                            mode=hp["weight_decay_mode"], mask=hp["weight_decay_mask"])
     new: Tree = {"step": t_array, "exp_avg": {}, "exp_avg_sq": {}}
+    if hp["amsgrad"]:
+        new["max_exp_avg_sq"] = {}
     out = {}
     for p, w in params.items():
         m = ema(state["exp_avg"][p], grads[p], hp["beta1"])
         v = ema(state["exp_avg_sq"][p], grads[p] * grads[p], hp["beta2"])
-        out[p] = w - hp["lr"] * direction(m, v, t, hp)
         new["exp_avg"][p], new["exp_avg_sq"][p] = m, v
+        if hp["amsgrad"]:  # torch's raw maximum, the mistake under test applied to it
+            v = new["max_exp_avg_sq"][p] = np.maximum(state["max_exp_avg_sq"][p], v)
+        out[p] = w - hp["lr"] * direction(m, v, t, hp)
     if decay_after:
         out, _ = apply_weight_decay(out, grads, lr=hp["lr"], weight_decay=hp["weight_decay"],
                                     mode=hp["weight_decay_mode"], mask=hp["weight_decay_mask"])
@@ -159,11 +163,15 @@ class AdamSecondMomentOfAbs(OptimizerMutant):
                                            mode=hp["weight_decay_mode"], mask=hp["weight_decay_mask"])
         new: Tree = {"step": t_array, "exp_avg": {}, "exp_avg_sq": {}}
         out = {}
+        if hp["amsgrad"]:
+            new["max_exp_avg_sq"] = {}
         for p, w in params.items():
             m = ema(state["exp_avg"][p], grads[p], hp["beta1"])
             v = ema(state["exp_avg_sq"][p], np.abs(grads[p]), hp["beta2"])
-            out[p] = w - hp["lr"] * _corrected(m, v, t, hp)
             new["exp_avg"][p], new["exp_avg_sq"][p] = m, v
+            if hp["amsgrad"]:
+                v = new["max_exp_avg_sq"][p] = np.maximum(state["max_exp_avg_sq"][p], v)
+            out[p] = w - hp["lr"] * _corrected(m, v, t, hp)
         return out, new
 
 
