@@ -29,33 +29,13 @@ import numpy as np
 import optax
 
 from conformance.adapters import Unsupported
+from conformance.adapters._optim_common import HyperParameters
 
 __all__ = ["API", "DIALECTS", "SCHEDULES"]
 
 
-class _Hparams:
-    """The request's hyper-parameters; each mapping takes what it reads."""
-
-    def __init__(self, op: str, hparams: dict[str, Any]) -> None:
-        self.op = op
-        self.left = dict(hparams)
-
-    def take(self, name: str) -> Any:
-        if name not in self.left:
-            raise Unsupported(f"{self.op}: the request has no hyper-parameter {name!r}")
-        return self.left.pop(name)
-
-    def expect(self, name: str, value: Any, why: str) -> Any:
-        got = self.take(name)
-        if got != value:
-            raise Unsupported(f"{self.op}: optax follows {name}={value!r} ({why}); "
-                              f"it cannot express {got!r}")
-        return got
-
-    def done(self) -> None:
-        if self.left:
-            raise Unsupported(f"the optax schedule mapping does not implement {self.op}'s "
-                              f"{', '.join(sorted(self.left))}")
+def _hparams(op: str, hparams: dict[str, Any]) -> HyperParameters:
+    return HyperParameters(hparams, op=op, framework="optax")
 
 
 def _evaluate(schedule: Callable[[Any], Any], t: np.ndarray) -> np.ndarray:
@@ -73,20 +53,20 @@ def _last(t: np.ndarray) -> int:
 
 
 def _linear_warmup(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
-    hp = _Hparams("linear_warmup", hparams)
+    hp = _hparams("linear_warmup", hparams)
     peak, init, steps = hp.take("peak_lr"), hp.take("init_lr"), hp.take("warmup_steps")
-    hp.expect("form", "closed", "linear_schedule is a closed form")
-    hp.done()
+    hp.expect("form", "closed", why="linear_schedule is a closed form")
+    hp.check_all_read()
     return _evaluate(optax.linear_schedule(init_value=init, end_value=peak,
                                            transition_steps=steps), t)
 
 
 def _step_decay(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
-    hp = _Hparams("step_decay", hparams)
+    hp = _hparams("step_decay", hparams)
     base, gamma, size, marks = (hp.take("base_lr"), hp.take("gamma"), hp.take("step_size"),
                                 hp.take("milestones"))
     form = hp.take("form")
-    hp.done()
+    hp.check_all_read()
     if form == "closed":
         if marks is not None:
             raise Unsupported("optax has no closed-form milestones schedule "
@@ -103,13 +83,13 @@ def _step_decay(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
 
 
 def _cosine(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
-    hp = _Hparams("cosine", hparams)
+    hp = _hparams("cosine", hparams)
     base, total, eta_min = hp.take("base_lr"), hp.take("total_steps"), hp.take("eta_min")
     exponent, warmup, warmup_init = (hp.take("exponent"), hp.take("warmup_steps"),
                                      hp.take("warmup_init_lr"))
     past_end = hp.take("past_end")
-    hp.expect("form", "closed", "optax schedules are closed forms")
-    hp.done()
+    hp.expect("form", "closed", why="optax schedules are closed forms")
+    hp.check_all_read()
     if past_end != "hold" and _last(t) > total:
         raise Unsupported("optax cosine_decay_schedule holds its end value past decay_steps "
                           "(past_end='hold')")
@@ -125,22 +105,22 @@ def _cosine(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
 
 
 def _polynomial(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
-    hp = _Hparams("polynomial", hparams)
+    hp = _hparams("polynomial", hparams)
     schedule = optax.polynomial_schedule(
         init_value=hp.take("base_lr"), end_value=hp.take("end_lr"), power=hp.take("power"),
         transition_steps=hp.take("total_steps"), transition_begin=hp.take("transition_begin"))
-    hp.expect("form", "closed", "polynomial_schedule is a closed form")
-    hp.done()
+    hp.expect("form", "closed", why="polynomial_schedule is a closed form")
+    hp.check_all_read()
     return _evaluate(schedule, t)
 
 
 def _one_cycle(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
-    hp = _Hparams("one_cycle", hparams)
+    hp = _hparams("one_cycle", hparams)
     max_lr, total, pct = hp.take("max_lr"), hp.take("total_steps"), hp.take("pct_start")
     pct_final, anneal, three = hp.take("pct_final"), hp.take("anneal"), hp.take("three_phase")
     div, final_div = hp.take("div_factor"), hp.take("final_div_factor")
-    hp.expect("boundary", "truncated", "optax ends phase 1 at int(pct_start * T)")
-    hp.done()
+    hp.expect("boundary", "truncated", why="optax ends phase 1 at int(pct_start * T)")
+    hp.check_all_read()
     if anneal == "cos" and not three:
         schedule = optax.cosine_onecycle_schedule(
             transition_steps=total, peak_value=max_lr, pct_start=pct, div_factor=div,

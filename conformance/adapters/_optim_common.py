@@ -17,13 +17,44 @@ import numpy as np
 from conformance.adapters import Request, Unsupported
 from reference.optimizers._tree import mask_of
 
-__all__ = ["OptimizerRequest", "extension_modules", "load_extensions"]
+__all__ = ["HyperParameters", "OptimizerRequest", "extension_modules", "load_extensions"]
 
 
-class OptimizerRequest:
+class HyperParameters:
+    """A request's hyper-parameters, each taken by the mapping that reads it: one left unread
+    (a knob added to a spec later) makes the request Unsupported instead of silently ignored."""
+
+    def __init__(self, hparams: dict[str, Any], *, op: str = "", framework: str = "the framework") -> None:
+        self.hp = dict(hparams)
+        self.op = op
+        self.framework = framework
+
+    def take(self, name: str) -> Any:
+        if name not in self.hp:
+            raise Unsupported(f"{self.op}: the request has no hyper-parameter {name!r}")
+        return self.hp.pop(name)
+
+    def expect(self, name: str, *values: Any, why: str = "") -> Any:
+        """A convention with no switch in the framework: any other value is Unsupported."""
+        got = self.take(name)
+        if got not in values:
+            allowed = " or ".join(repr(v) for v in values)
+            reason = f" ({why})" if why else ""
+            raise Unsupported(f"{self.op}: {self.framework} follows {name}={allowed}{reason}; "
+                              f"it cannot express {got!r}")
+        return got
+
+    def check_all_read(self, op: str | None = None) -> None:
+        if self.hp:
+            raise Unsupported(f"the {self.framework} mapping of {op or self.op} does not implement "
+                              f"{', '.join(sorted(self.hp))}")
+
+
+class OptimizerRequest(HyperParameters):
     """The request split into params, grads and state, with hyper-parameter bookkeeping."""
 
     def __init__(self, request: Request) -> None:
+        super().__init__(request.hparams, op=request.op)
         self.request = request
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
@@ -32,7 +63,6 @@ class OptimizerRequest:
             (self.params if kind == "params" else self.grads)[path] = value
         self.paths = list(self.params)
         self.state = dict(request.state or {})
-        self.hp = dict(request.hparams)
 
     @property
     def step_count(self) -> int:
@@ -45,26 +75,9 @@ class OptimizerRequest:
         found = {p: self.state[f"{name}/{p}"] for p in self.paths if f"{name}/{p}" in self.state}
         return found or None
 
-    def take(self, name: str) -> Any:
-        if name not in self.hp:
-            raise Unsupported(f"the request has no hyper-parameter {name!r}")
-        return self.hp.pop(name)
-
-    def expect(self, name: str, *values: Any) -> Any:
-        """A convention with no switch in the framework: any other value is Unsupported."""
-        got = self.take(name)
-        if got not in values:
-            allowed = " or ".join(repr(v) for v in values)
-            raise Unsupported(f"the framework follows {name}={allowed}; it cannot express {got!r}")
-        return got
-
     def mask(self, name: str) -> dict[str, bool]:
         """A mask hyper-parameter as ``{path: bool}``."""
         return mask_of(self.take(name), self.params, name=name)
-
-    def check_all_read(self, op: str) -> None:
-        if self.hp:
-            raise Unsupported(f"the mapping of {op} does not implement {', '.join(sorted(self.hp))}")
 
 
 class _ScheduleExtension:

@@ -28,33 +28,13 @@ import torch
 from torch.optim import lr_scheduler
 
 from conformance.adapters import Unsupported
+from conformance.adapters._optim_common import HyperParameters
 
 __all__ = ["API", "DIALECTS", "SCHEDULES"]
 
 
-class _Hparams:
-    """The request's hyper-parameters; each mapping takes what it reads."""
-
-    def __init__(self, op: str, hparams: dict[str, Any]) -> None:
-        self.op = op
-        self.left = dict(hparams)
-
-    def take(self, name: str) -> Any:
-        if name not in self.left:
-            raise Unsupported(f"{self.op}: the request has no hyper-parameter {name!r}")
-        return self.left.pop(name)
-
-    def expect(self, name: str, value: Any, why: str) -> Any:
-        got = self.take(name)
-        if got != value:
-            raise Unsupported(f"{self.op}: torch follows {name}={value!r} ({why}); "
-                              f"it cannot express {got!r}")
-        return got
-
-    def done(self) -> None:
-        if self.left:
-            raise Unsupported(f"the torch schedule mapping does not implement {self.op}'s "
-                              f"{', '.join(sorted(self.left))}")
+def _hparams(op: str, hparams: dict[str, Any]) -> HyperParameters:
+    return HyperParameters(hparams, op=op, framework="torch")
 
 
 def _counts(t: np.ndarray) -> tuple[np.ndarray, int]:
@@ -86,16 +66,16 @@ def _run(t: np.ndarray, lr: float, make: Callable[[torch.optim.Optimizer], Any],
     return np.asarray(values, dtype=np.float64)[index]
 
 
-def _form(hp: _Hparams) -> bool:
+def _form(hp: HyperParameters) -> bool:
     """True for form = "closed" (step(epoch)), False for "recursive" (step())."""
     return hp.take("form") == "closed"
 
 
 def _linear_warmup(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
-    hp = _Hparams("linear_warmup", hparams)
+    hp = _hparams("linear_warmup", hparams)
     peak, init, steps = hp.take("peak_lr"), hp.take("init_lr"), hp.take("warmup_steps")
     closed = _form(hp)
-    hp.done()
+    hp.check_all_read()
     start = init / peak
     if not 0.0 < start <= 1.0:
         raise Unsupported(f"torch LinearLR needs 0 < start_factor = init_lr/peak_lr <= 1, got "
@@ -105,11 +85,11 @@ def _linear_warmup(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
 
 
 def _step_decay(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
-    hp = _Hparams("step_decay", hparams)
+    hp = _hparams("step_decay", hparams)
     base, gamma, size, marks = (hp.take("base_lr"), hp.take("gamma"), hp.take("step_size"),
                                 hp.take("milestones"))
     closed = _form(hp)
-    hp.done()
+    hp.check_all_read()
     if marks is None:
         return _run(t, base, lambda opt: lr_scheduler.StepLR(opt, step_size=size, gamma=gamma),
                     closed=closed)
@@ -118,14 +98,14 @@ def _step_decay(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
 
 
 def _cosine(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
-    hp = _Hparams("cosine", hparams)
+    hp = _hparams("cosine", hparams)
     base, total, eta_min = hp.take("base_lr"), hp.take("total_steps"), hp.take("eta_min")
-    hp.expect("exponent", 1.0, "CosineAnnealingLR has no exponent")
-    hp.expect("warmup_steps", 0, "CosineAnnealingLR has no warmup; SequentialLR is not mapped")
+    hp.expect("exponent", 1.0, why="CosineAnnealingLR has no exponent")
+    hp.expect("warmup_steps", 0, why="CosineAnnealingLR has no warmup; SequentialLR is not mapped")
     hp.take("warmup_init_lr")  # unused without a warmup
     past_end = hp.take("past_end")
     closed = _form(hp)
-    hp.done()
+    hp.check_all_read()
     _, n = _counts(t)
     if past_end != "periodic" and n > total:
         raise Unsupported("torch CosineAnnealingLR follows the cosine past T_max "
@@ -135,24 +115,24 @@ def _cosine(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
 
 
 def _polynomial(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
-    hp = _Hparams("polynomial", hparams)
+    hp = _hparams("polynomial", hparams)
     base, total, power = hp.take("base_lr"), hp.take("total_steps"), hp.take("power")
-    hp.expect("end_lr", 0.0, "PolynomialLR decays to 0")
-    hp.expect("transition_begin", 0, "PolynomialLR starts decaying at step 0")
+    hp.expect("end_lr", 0.0, why="PolynomialLR decays to 0")
+    hp.expect("transition_begin", 0, why="PolynomialLR starts decaying at step 0")
     closed = _form(hp)
-    hp.done()
+    hp.check_all_read()
     return _run(t, base, lambda opt: lr_scheduler.PolynomialLR(
         opt, total_iters=total, power=power), closed=closed)
 
 
 def _one_cycle(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
-    hp = _Hparams("one_cycle", hparams)
+    hp = _hparams("one_cycle", hparams)
     max_lr, total, pct = hp.take("max_lr"), hp.take("total_steps"), hp.take("pct_start")
-    hp.expect("pct_final", None, "OneCycleLR's phase 2 is as long as phase 1")
+    hp.expect("pct_final", None, why="OneCycleLR's phase 2 is as long as phase 1")
     anneal, three = hp.take("anneal"), hp.take("three_phase")
     div, final_div = hp.take("div_factor"), hp.take("final_div_factor")
-    hp.expect("boundary", "shifted", "OneCycleLR ends phase 1 at float(pct_start * T) - 1")
-    hp.done()
+    hp.expect("boundary", "shifted", why="OneCycleLR ends phase 1 at float(pct_start * T) - 1")
+    hp.check_all_read()
     _, n = _counts(t)
     if n > total:
         raise Unsupported(f"torch OneCycleLR raises past total_steps={total} steps (t up to {n})")
