@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import optim_helpers as oh
 import reference
 from reference.optimizers import adafactor
 
@@ -19,32 +20,6 @@ LARGE = {**SMALL, "embed": (130, 8), "proj": (128, 2, 130)}
 STEPS = 12
 LRS = [1e-2] * 6 + [3e-3] * 6  # a mid-run lr change
 PLAIN = dict(relative_step=False, multiply_by_parameter_scale=False, clipping_threshold=None)
-
-
-def _tree(shapes, rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
-    return {p: scale * rng.standard_normal(s) for p, s in shapes.items()}
-
-
-def _grads(shapes, seed: int, steps: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    scales = {p: 10.0 ** rng.uniform(-1, 1) for p in shapes}
-    return [{p: scales[p] * rng.standard_normal(s) for p, s in shapes.items()} for _ in range(steps)]
-
-
-def _run(params, grads_seq, lrs=None, **hp):
-    state = adafactor.init(params, **hp)
-    trace = []
-    for k, g in enumerate(grads_seq):
-        step_hp = dict(hp, lr=lrs[k]) if lrs is not None else hp
-        params, state = adafactor.step(params, g, state, **step_hp)
-        trace.append((params, state))
-    return trace
-
-
-def _rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    """max over tensors of ||a - b||_inf / ||b||_inf."""
-    return max(float(np.max(np.abs(np.asarray(a[p]) - b[p])) / max(np.max(np.abs(b[p])), 1e-300))
-               for p in b)
 
 
 # ------------------------------------------------------------------------------------------
@@ -70,8 +45,8 @@ def test_factored_equals_full_for_rank_one_g2(seed, n, m, lead, mode):
     seq = [{"w": rng.uniform(0.1, 10) * u * v} for _ in range(5)]
     params = {"w": rng.standard_normal(shape)}
     hp = dict(PLAIN, eps1=0.0, factored_dims=mode)
-    a = _run(params, seq, lrs=[1e-2] * 5, factored=True, **hp)
-    b = _run(params, seq, lrs=[1e-2] * 5, factored=False, **hp)
+    a = oh.trajectory(adafactor, params, seq, lrs=[1e-2] * 5, factored=True, **hp)
+    b = oh.trajectory(adafactor, params, seq, lrs=[1e-2] * 5, factored=False, **hp)
     for (w_a, s_a), (w_b, s_b) in zip(a, b, strict=True):
         np.testing.assert_allclose(w_a["w"], w_b["w"], rtol=1e-13, atol=1e-300)
         assert s_a["exp_avg_sq"]["w"].shape == (1,) and s_b["exp_avg_sq_row"]["w"].shape == (1,)
@@ -82,10 +57,10 @@ def test_factored_equals_full_for_rank_one_g2(seed, n, m, lead, mode):
 def test_update_clipping_bounds_rms(seed, d, factored):
     """RMS(U_hat) <= d per tensor: the step divided by lr (no momentum, no scales)."""
     rng = np.random.default_rng(seed)
-    params = _tree(SMALL, rng)
+    params = oh.tree(rng, SMALL)
     hp = dict(PLAIN, clipping_threshold=d, factored=factored)
     state = adafactor.init(params, **hp)
-    for g in _grads(SMALL, seed, 4):
+    for g in oh.gradients(seed, 4, SMALL):
         new, state = adafactor.step(params, g, state, lr=0.5, **{**hp})
         for p in SMALL:
             u = (params[p] - new[p]) / 0.5
@@ -98,11 +73,11 @@ def test_update_clipping_bounds_rms(seed, d, factored):
 def test_relative_step_is_min_lr_inv_sqrt_t(seed, lr, scale, beta1):
     """relative_step with cap lr equals relative_step=False with lr_t = min(lr, 1/sqrt(t))."""
     rng = np.random.default_rng(seed)
-    params, seq = _tree(SMALL, rng), _grads(SMALL, seed, 6)
+    params, seq = oh.tree(rng, SMALL), oh.gradients(seed, 6, SMALL)
     hp = dict(multiply_by_parameter_scale=scale, beta1=beta1, weight_decay=0.1)
-    a = _run(params, seq, lrs=[lr] * 6, relative_step=True, **hp)
-    b = _run(params, seq, lrs=[min(lr, 1 / math.sqrt(t)) for t in range(1, 7)],
-             relative_step=False, **hp)
+    a = oh.trajectory(adafactor, params, seq, lrs=[lr] * 6, relative_step=True, **hp)
+    b = oh.trajectory(adafactor, params, seq, lrs=[min(lr, 1 / math.sqrt(t)) for t in range(1, 7)],
+                      relative_step=False, **hp)
     for (w_a, _), (w_b, _) in zip(a, b, strict=True):
         for p in SMALL:
             np.testing.assert_array_equal(w_a[p], w_b[p])
@@ -114,7 +89,7 @@ def test_first_step_slots_are_row_and_column_means(seed, eps1):
     """beta2_1 = 0: the state after step 1 is the row/column means of g^2 + eps1 (last_two:
     R over the last axis, C over the second to last); the unfactored slot is g^2 + eps1."""
     rng = np.random.default_rng(seed)
-    params, g = _tree(SMALL, rng), _grads(SMALL, seed, 1)[0]
+    params, g = oh.tree(rng, SMALL), oh.gradients(seed, 1, SMALL)[0]
     _, state = adafactor.step(params, g, adafactor.init(params), eps1=eps1)
     for p in ("conv/weight", "fc/weight"):
         g2 = g[p] ** 2 + eps1
@@ -138,8 +113,8 @@ def test_factored_axes_rules():
 
 def test_raw_function_keeps_float32():
     rng = np.random.default_rng(0)
-    params = {p: v.astype(np.float32) for p, v in _tree(SMALL, rng).items()}
-    grads = {p: v.astype(np.float32) for p, v in _tree(SMALL, rng).items()}
+    params = oh.as_float32(oh.tree(rng, SMALL))
+    grads = oh.as_float32(oh.tree(rng, SMALL))
     hp = {**reference.get("adafactor").spec.defaults(), "beta1": 0.9, "weight_decay": 0.1}
     state = adafactor.init.__wrapped__(params, **hp)
     new, state = adafactor.step.__wrapped__(params, grads, state, **hp)
@@ -151,15 +126,6 @@ def test_raw_function_keeps_float32():
 # ------------------------------------------------------------------------------------------
 # Framework trajectories (float64)
 # ------------------------------------------------------------------------------------------
-
-
-def _optax():
-    pytest.importorskip("jax")
-    optax = pytest.importorskip("optax")
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    return optax
 
 
 def _float64_decay_rate(monkeypatch):
@@ -180,22 +146,12 @@ def _float64_decay_rate(monkeypatch):
 def _optax_run(optax, params, seq):
     """optax.adafactor over the trajectory: lr schedule with a mid-run change, momentum 0.9 in
     float64 (dtype_momentum), decay 1e-2 on the parameters with >= 2 dims."""
-    import jax
     import jax.numpy as jnp
 
     mask = {p: len(s) >= 2 for p, s in LARGE.items()}
-    schedule = lambda count: jnp.where(count < 6, LRS[0], LRS[-1])  # noqa: E731
-    tx = optax.adafactor(schedule, momentum=0.9, dtype_momentum=jnp.float64,
+    tx = optax.adafactor(oh.optax_schedule(LRS), momentum=0.9, dtype_momentum=jnp.float64,
                          weight_decay_rate=1e-2, weight_decay_mask=mask)
-    jp = {p: jnp.asarray(v) for p, v in params.items()}
-    state = tx.init(jp)
-    update = jax.jit(tx.update)
-    out = []
-    for g in seq:
-        updates, state = update({p: jnp.asarray(v) for p, v in g.items()}, state, jp)
-        jp = optax.apply_updates(jp, updates)
-        out.append(({p: np.asarray(v) for p, v in jp.items()}, state))
-    return out
+    return oh.optax_steps(tx, params, seq, jit=True)
 
 
 def test_optax_trajectory(monkeypatch):
@@ -203,24 +159,23 @@ def test_optax_trajectory(monkeypatch):
     far above float64 rounding: a framework deviation, bounded here); with the decay rate in
     float64 every parameter and slot agrees to 1e-12 (optax dialect: largest_two factoring with
     min 128, no relative step, decay not times lr)."""
-    optax = _optax()
-    rng = np.random.default_rng(2)
-    params, seq = _tree(LARGE, rng), _grads(LARGE, 2, STEPS)
+    _, optax = oh.optax_x64()
+    params, seq = oh.tree(np.random.default_rng(2), LARGE), oh.gradients(2, STEPS, LARGE)
     hp = dict(reference.get("adafactor").dialect("optax"), beta1=0.9, weight_decay=1e-2,
               weight_decay_mask="ndim>=2")
     hp.pop("lr")
-    trace = _run(params, seq, lrs=LRS, **hp)
+    trace = oh.trajectory(adafactor, params, seq, lrs=LRS, **hp)
     shipped = _optax_run(optax, params, seq)
-    assert _rel(shipped[0][0], trace[0][0]) < 1e-12  # step 1: beta2_1 = 0 exactly in float32 too
-    assert max(_rel(w, w_ref) for (w, _), (w_ref, _) in zip(shipped, trace, strict=True)) < 1e-6
+    assert oh.rel(shipped[0][0], trace[0][0]) < 1e-12  # step 1: beta2_1 = 0 exactly in float32 too
+    assert max(oh.rel(w, w_ref) for (w, _), (w_ref, _) in zip(shipped, trace, strict=True)) < 1e-6
     _float64_decay_rate(monkeypatch)
     for (w, state), (w_ref, s_ref) in zip(_optax_run(optax, params, seq), trace, strict=True):
         factored, ema = state[0], next(s for s in state if hasattr(s, "ema"))
-        assert _rel(w, w_ref) < 1e-12
-        assert _rel(factored.v_row, s_ref["exp_avg_sq_row"]) < 1e-12
-        assert _rel(factored.v_col, s_ref["exp_avg_sq_col"]) < 1e-12
-        assert _rel(factored.v, s_ref["exp_avg_sq"]) < 1e-12
-        assert _rel(ema.ema, s_ref["exp_avg"]) < 1e-12
+        assert oh.rel(w, w_ref) < 1e-12
+        assert oh.rel(factored.v_row, s_ref["exp_avg_sq_row"]) < 1e-12
+        assert oh.rel(factored.v_col, s_ref["exp_avg_sq_col"]) < 1e-12
+        assert oh.rel(factored.v, s_ref["exp_avg_sq"]) < 1e-12
+        assert oh.rel(ema.ema, s_ref["exp_avg"]) < 1e-12
     assert trace[-1][1]["exp_avg_sq_row"]["proj"].shape == (128, 2)   # R: mean over axis 2 (130)
     assert trace[-1][1]["exp_avg_sq_col"]["proj"].shape == (2, 130)   # C: mean over axis 0 (128)
     assert trace[-1][1]["exp_avg_sq"]["embed"].shape == (130, 8)      # 8 < 128: not factored
@@ -233,16 +188,13 @@ def test_pytorch_optimizer_relative_step_trajectory(momentum, foreach):
     beta2 cap 0.999, momentum 0.9 (float64 buffer), decoupled decay with the effective lr."""
     torch = pytest.importorskip("torch")
     po = pytest.importorskip("pytorch_optimizer")
-    rng = np.random.default_rng(1)
-    params, seq = _tree(SMALL, rng), _grads(SMALL, 1, STEPS)
+    params, seq = oh.tree(np.random.default_rng(1), SMALL), oh.gradients(1, STEPS, SMALL)
     beta1 = 0.9 if momentum else 0.0
     hp = dict(reference.get("adafactor").dialect("pytorch_optimizer"), beta1=beta1,
               weight_decay=0.05, weight_decay_mask="ndim>=2")
-    trace = _run(params, seq, **hp)
-    tensors = {p: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for p, v in params.items()}
-    groups = [{"params": [tensors[p] for p in SMALL if len(SMALL[p]) >= 2], "weight_decay": 0.05},
-              {"params": [tensors[p] for p in SMALL if len(SMALL[p]) < 2], "weight_decay": 0.0}]
-    opt = po.AdaFactor(groups, lr=1e-2, betas=(beta1 if momentum else None, 0.999),
+    trace = oh.trajectory(adafactor, params, seq, **hp)
+    tensors = oh.torch_tensors(params)
+    opt = po.AdaFactor(oh.decay_groups(tensors, 0.05), lr=1e-2, betas=(beta1 if momentum else None, 0.999),
                        momentum_dtype=torch.float64, foreach=foreach)
     _compare_torch(opt, tensors, seq, trace, momentum)
 
@@ -254,13 +206,12 @@ def test_pytorch_optimizer_external_lr_trajectory(mode, decouple, fixed):
     """relative_step=False: the given lr (changed mid-run), every weight-decay form."""
     torch = pytest.importorskip("torch")
     po = pytest.importorskip("pytorch_optimizer")
-    rng = np.random.default_rng(5)
-    params, seq = _tree(SMALL, rng), _grads(SMALL, 5, STEPS)
+    params, seq = oh.tree(np.random.default_rng(5), SMALL), oh.gradients(5, STEPS, SMALL)
     hp = dict(reference.get("adafactor").dialect("pytorch_optimizer"), relative_step=False,
               weight_decay=0.05, weight_decay_mode=mode, clipping_threshold=0.5)
     hp.pop("lr")
-    trace = _run(params, seq, lrs=LRS, **hp)
-    tensors = {p: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for p, v in params.items()}
+    trace = oh.trajectory(adafactor, params, seq, lrs=LRS, **hp)
+    tensors = oh.torch_tensors(params)
     opt = po.AdaFactor(list(tensors.values()), lr=LRS[0], betas=(0.9, 0.999), weight_decay=0.05,
                        weight_decouple=decouple, fixed_decay=fixed, relative_step=False,
                        clip_threshold=0.5, momentum_dtype=torch.float64, foreach=False)
@@ -268,48 +219,29 @@ def test_pytorch_optimizer_external_lr_trajectory(mode, decouple, fixed):
 
 
 def _compare_torch(opt, tensors, seq, trace, momentum, lrs=None):
-    import torch
-
-    for k, g in enumerate(seq):
-        if lrs is not None:
-            for group in opt.param_groups:
-                group["lr"] = lrs[k]
-        for p, t in tensors.items():
-            t.grad = torch.tensor(g[p], dtype=torch.float64)
-        opt.step()
-        w_ref, s_ref = trace[k]
-        assert _rel({p: t.detach().numpy() for p, t in tensors.items()}, w_ref) < 1e-12
-        for p, t in tensors.items():
-            state = opt.state[t]
-            keys = ["exp_avg_sq_row", "exp_avg_sq_col"] if t.ndim >= 2 else ["exp_avg_sq"]
+    slots = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg")
+    for (w, state), (w_ref, s_ref) in zip(oh.torch_steps(opt, tensors, seq, lrs, slots), trace, strict=True):
+        assert oh.rel(w, w_ref) < 1e-12
+        for p, w_p in w.items():
+            keys = ["exp_avg_sq_row", "exp_avg_sq_col"] if w_p.ndim >= 2 else ["exp_avg_sq"]
             keys += ["exp_avg"] if momentum else []
             for key in keys:
-                assert _rel({p: state[key].numpy()}, {p: s_ref[key][p]}) < 1e-12, (p, key)
+                assert oh.rel({p: state[key][p]}, {p: s_ref[key][p]}) < 1e-12, (p, key)
 
 
 def test_optax_mapping_matches_the_oracle(monkeypatch):
-    _optax()
+    oh.optax_x64()
     _float64_decay_rate(monkeypatch)
-    from conformance.adapters import Request, load_adapter
+    from conformance.adapters import load_adapter
 
     adapter = load_adapter("jax")
-    op = reference.get("adafactor")
-    hp = op.spec.resolve({**adapter.ops()["adafactor"].dialect, "lr": 1e-2, "beta1": 0.9,
-                          "weight_decay": 1e-3, "min_dim_size_to_factor": 4})
-    rng = np.random.default_rng(4)
+    hp = reference.get("adafactor").spec.resolve({**adapter.ops()["adafactor"].dialect, "lr": 1e-2,
+                                                  "beta1": 0.9, "weight_decay": 1e-3,
+                                                  "min_dim_size_to_factor": 4})
     shapes = {"w": (6, 2, 5), "v": (3, 4), "b": (5,)}
-    inputs = {f"params/{p}": v for p, v in _tree(shapes, rng).items()}
-    state = op.init_state(inputs, **hp)
-    for _ in range(2):  # from init, then from a non-trivial state
-        inputs.update({f"grads/{p}": v for p, v in _tree(shapes, rng).items()})
-        got = adapter.evaluate("adafactor", Request("adafactor", "float64", inputs, state, hp, None))
-        out, new_state = op.apply(inputs, state, **hp)
-        assert set(got.state) == set(new_state)
-        for key, value in {**out, **new_state}.items():
-            actual = got.outputs.get(key, got.state.get(key))
-            assert _rel({key: actual}, {key: np.asarray(value)}) < 1e-12, key
-        inputs.update(out)
-        state = new_state
+    # from init, then from a non-trivial state
+    for _, got, out, state in oh.adapter_steps(adapter, "adafactor", hp, np.random.default_rng(4), shapes):
+        oh.assert_adapter_agrees(got, out, state)
 
 
 # ------------------------------------------------------------------------------------------
@@ -318,40 +250,21 @@ def test_optax_mapping_matches_the_oracle(monkeypatch):
 
 
 def test_bad_hparams_name_the_argument():
+    oh.assert_init_rejects(adafactor, {
+        ValueError: {"factored_dims": "first_two", "beta2_cap": 1.5, "clipping_threshold": 0.0,
+                     "decay_rate": -0.8, "beta1": 1.0},
+    })
     params = {"w": np.ones((2, 2))}
-    with pytest.raises(ValueError, match="factored_dims"):
-        adafactor.init(params, factored_dims="first_two")
-    with pytest.raises(ValueError, match="beta2_cap"):
-        adafactor.init(params, beta2_cap=1.5)
-    with pytest.raises(ValueError, match="clipping_threshold"):
-        adafactor.init(params, clipping_threshold=0.0)
-    with pytest.raises(ValueError, match="decay_rate"):
-        adafactor.init(params, decay_rate=-0.8)
-    with pytest.raises(ValueError, match="beta1"):
-        adafactor.init(params, beta1=1.0)
-    state = adafactor.init(params)
     with pytest.raises(ValueError, match="decay_offset"):
-        adafactor.step(params, params, state, decay_offset=3)
-    with pytest.raises(ValueError, match="grads"):
-        adafactor.step(params, {"w": np.ones((3, 2))}, state)
+        adafactor.step(params, params, adafactor.init(params), decay_offset=3)
+    oh.assert_misshapen_grads_rejected(adafactor)
 
 
 def test_harness_form_and_nested_params():
     op = reference.get("adafactor")
-    rng = np.random.default_rng(3)
-    inputs = {"params/fc/weight": rng.standard_normal((3, 4)), "params/fc/bias": rng.standard_normal(3),
-              "grads/fc/weight": rng.standard_normal((3, 4)), "grads/fc/bias": rng.standard_normal(3)}
-    hp = {**op.dialect("transformers"), "beta1": 0.9}
-    out, state = op.apply(inputs, None, **hp)
+    _, state = oh.check_harness_form(op, "exp_avg", **{**op.dialect("transformers"), "beta1": 0.9})
     assert set(state) == {"step"} | {f"{s}/fc/{p}" for s in ("exp_avg_sq_row", "exp_avg_sq_col",
                                                               "exp_avg_sq", "exp_avg")
                                      for p in ("weight", "bias")}
     assert state["exp_avg_sq_row/fc/weight"].shape == (3,)
     assert state["exp_avg_sq_col/fc/weight"].shape == (4,)
-    _, state2 = op.apply(inputs, state, **hp)
-    assert float(state2["step"]) == 2.0
-    nested = {"fc": {"weight": inputs["params/fc/weight"], "bias": inputs["params/fc/bias"]}}
-    grads = {"fc": {"weight": inputs["grads/fc/weight"], "bias": inputs["grads/fc/bias"]}}
-    new, st_nested = op.step(nested, grads, None, **hp)
-    np.testing.assert_array_equal(new["fc"]["weight"], out["params/fc/weight"])
-    np.testing.assert_array_equal(st_nested["exp_avg"]["fc"]["bias"], state["exp_avg/fc/bias"])

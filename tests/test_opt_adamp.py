@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import optim_helpers as oh
 import reference
 from reference.optimizers import adam, adamp, sgd
 
@@ -47,8 +48,7 @@ def _grads(params: dict[str, np.ndarray], k: int, seed: int = 0) -> dict[str, np
 
 
 def _params(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {p: rng.standard_normal(s) for p, s in SHAPES.items()}
+    return oh.tree(np.random.default_rng(seed), SHAPES)
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
@@ -232,30 +232,12 @@ def test_buffer_projection_only_changes_projected_non_nesterov(seed, nesterov, i
 # Framework trajectories (float64)
 # ------------------------------------------------------------------------------------------
 
-LR_FACTORS = [1.0] * 6 + [0.1] * 6   # a mid-run lr change
-
-
-def _torch_trajectory(make, op, hp, steps=12, seed=0):
-    """Run the framework optimizer and the oracle side by side; max relative error over all
-    parameters and steps."""
-    torch = pytest.importorskip("torch")
-    params = _params(seed)
-    tp = {p: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for p, v in params.items()}
-    opt = make(list(tp.values()))
-    state = op.init(params, **hp)
-    worst = 0.0
-    for k in range(steps):
-        lr = hp["lr"] * LR_FACTORS[k]
-        for group in opt.param_groups:
-            group["lr"] = lr
-        g = _grads(params, k, seed)
-        for p in tp:
-            tp[p].grad = torch.tensor(g[p])
-        opt.step()
-        params, state = op.step(params, g, state, **{**hp, "lr": lr})
-        worst = max(worst, max(float(np.max(np.abs(tp[p].detach().numpy() - params[p]))
-                                     / np.max(np.abs(params[p]))) for p in params))
-    return worst
+def _torch_trajectory(make, op, hp, seed=0):
+    """Run the framework optimizer and the oracle side by side (the lr changed mid-run); max
+    relative error over all parameters and steps."""
+    pytest.importorskip("torch")
+    return oh.torch_vs_oracle(make, op, hp, _params(seed), lambda k, params: _grads(params, k, seed),
+                              oh.LR_MULTIPLIERS)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -316,16 +298,14 @@ def test_flat_apply_and_float32(name):
     op = reference.get(name)
     params = _params(1)
     grads = _grads(params, 0, 1)
-    flat = {**{f"params/{p}": v for p, v in params.items()},
-            **{f"grads/{p}": v for p, v in grads.items()}}
+    flat = oh.flat(params, grads)
     hp = {"lr": 0.01, "weight_decay": 0.1}
     out, state = op.apply(flat, None, **hp)
     out2, state2 = op.apply(flat, state, **hp)
     assert set(out) == {f"params/{p}" for p in params}
     assert state2["step"] == 2.0 and set(state2) == set(state)
     # the raw step keeps float32
-    p32 = {p: v.astype(np.float32) for p, v in params.items()}
-    g32 = {p: v.astype(np.float32) for p, v in grads.items()}
+    p32, g32 = oh.as_float32(params), oh.as_float32(grads)
     init, step = ((adamp.init, adamp.step) if name == "adamp"
                   else (adamp.init_sgdp, adamp.step_sgdp))
     full = op.spec.resolve(hp)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import optim_helpers as oh
 import reference
 from reference.optimizers import clipping as C
 
@@ -23,17 +24,9 @@ SHAPES_OUT_LAST = {"conv/weight": (3, 3, 4, 8), "attn/weight": (6, 4, 5), "fc/we
                    "fc/bias": (10,), "row": (1, 7)}
 
 
-def _tree(rng, shapes, scale=1.0):
-    return {k: scale * rng.standard_normal(s) for k, s in shapes.items()}
-
-
 def _close(a, b, rtol=RTOL):
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=1e-300, err_msg=k)
-
-
-def _max_rel(a, b):
-    return max(float(np.max(np.abs(a[k] - b[k]) / np.maximum(np.abs(b[k]), 1e-300))) for k in a)
 
 
 def _gnorm(tree):
@@ -51,7 +44,7 @@ log_scales = st.floats(-6.0, 6.0)
 @given(seed=seeds, log_scale=log_scales, c=st.floats(1e-3, 1e3), eps_add=st.sampled_from([0.0, 1e-6]))
 def test_global_clip_keeps_direction_and_bounds_norm(seed, log_scale, c, eps_add):
     rng = np.random.default_rng(seed)
-    g = _tree(rng, SHAPES_OUT_FIRST, 10.0**log_scale)
+    g = oh.tree(rng, SHAPES_OUT_FIRST, 10.0**log_scale)
     out = C.clip_by_global_norm(g, c, eps_add=eps_add)
     n = _gnorm(g)
     if n + eps_add <= c:  # below the threshold: the very same arrays
@@ -83,7 +76,7 @@ def test_nan_norm_poisons_every_gradient_as_frameworks_do():
 @given(seed=seeds, log_scale=log_scales, c=st.floats(1e-2, 1e2))
 def test_per_tensor_clip_bounds_each_tensor(seed, log_scale, c):
     rng = np.random.default_rng(seed)
-    g = _tree(rng, SHAPES_OUT_FIRST, 10.0**log_scale)
+    g = oh.tree(rng, SHAPES_OUT_FIRST, 10.0**log_scale)
     out = C.clip_per_tensor(g, c)
     for k, v in g.items():
         n = float(np.linalg.norm(v))
@@ -106,10 +99,10 @@ def test_per_tensor_clip_bounds_each_tensor(seed, log_scale, c):
 def test_agc_invariants(seed, log_w, log_g, lam, layout, guarded):
     rng = np.random.default_rng(seed)
     shapes = SHAPES_OUT_LAST if layout == "out_last" else SHAPES_OUT_FIRST
-    w = _tree(rng, shapes, 10.0**log_w)
+    w = oh.tree(rng, shapes, 10.0**log_w)
     # some units far below the threshold, some far above
     g = {k: v * rng.choice([1e-4, 1.0, 1e4], size=v.shape[:1] + (1,) * (v.ndim - 1))
-         for k, v in _tree(rng, shapes, 10.0**log_g).items()}
+         for k, v in oh.tree(rng, shapes, 10.0**log_g).items()}
     eps = 1e-3
     out = C.adaptive_grad_clip(w, g, clipping=lam, eps=eps, layout=layout, compare_guarded=guarded)
     for k in g:
@@ -159,7 +152,7 @@ def test_unit_axes_per_layout():
 
 def test_mask_leaves_unselected_gradients_alone():
     rng = np.random.default_rng(0)
-    w, g = _tree(rng, SHAPES_OUT_FIRST), _tree(rng, SHAPES_OUT_FIRST, 100.0)
+    w, g = oh.tree(rng, SHAPES_OUT_FIRST), oh.tree(rng, SHAPES_OUT_FIRST, 100.0)
     out = C.adaptive_grad_clip(w, g, mask="ndim>=2")
     assert out["conv/bias"] is g["conv/bias"] and out["fc/bias"] is g["fc/bias"]
     assert not np.array_equal(out["fc/weight"], g["fc/weight"])
@@ -167,8 +160,8 @@ def test_mask_leaves_unselected_gradients_alone():
 
 def test_raw_functions_keep_float32():
     rng = np.random.default_rng(0)
-    w = {k: v.astype(np.float32) for k, v in _tree(rng, SHAPES_OUT_FIRST).items()}
-    g = {k: v.astype(np.float32) for k, v in _tree(rng, SHAPES_OUT_FIRST, 10.0).items()}
+    w = oh.as_float32(oh.tree(rng, SHAPES_OUT_FIRST))
+    g = oh.as_float32(oh.tree(rng, SHAPES_OUT_FIRST, 10.0))
     for step, init in ((C.step_agc, C.init_agc), (C.step_global_norm_clip, C.init_global_norm_clip),
                        (C.step_per_tensor_clip, C.init_per_tensor_clip)):
         new, _ = step.__wrapped__(w, g, init.__wrapped__(w), lr=1e-2, weight_decay=1e-3)
@@ -183,9 +176,9 @@ def test_raw_functions_keep_float32():
 @pytest.mark.parametrize("name", ["global_norm_clip", "per_tensor_clip", "agc"])
 def test_harness_form_and_sgd_on_clipped_gradient(name):
     rng = np.random.default_rng(1)
-    w, g = _tree(rng, SHAPES_OUT_FIRST), _tree(rng, SHAPES_OUT_FIRST, 3.0)
+    w, g = oh.tree(rng, SHAPES_OUT_FIRST), oh.tree(rng, SHAPES_OUT_FIRST, 3.0)
     op = reference.get(name)
-    flat = {f"params/{k}": v for k, v in w.items()} | {f"grads/{k}": v for k, v in g.items()}
+    flat = oh.flat(w, g)
     out, state = op.apply(flat, None, lr=0.1, weight_decay=0.01)
     assert float(state["step"]) == 1.0
     clipped = {"global_norm_clip": lambda: C.clip_by_global_norm(g, 1.0),
@@ -206,42 +199,33 @@ LRS = [1e-2] * 6 + [5e-3] * 6  # a mid-run lr change
 
 
 def _grads(rng, shapes, i):
-    return _tree(rng, shapes, 3.0 if i % 2 else 0.05)  # alternately clipped and not
+    return oh.tree(rng, shapes, 3.0 if i % 2 else 0.05)  # alternately clipped and not
+
+
+def _problem(shapes, seed):
+    rng = np.random.default_rng(seed)
+    w0 = oh.tree(rng, shapes)
+    return w0, [_grads(rng, shapes, i) for i in range(STEPS)]
 
 
 def _torch_run(shapes, clip_fn, weight_decay, seed=3):
+    """torch.optim.SGD after ``clip_fn(parameters)`` at every step: w0, the gradients, the last weights."""
     torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(seed)
-    w0 = _tree(rng, shapes)
-    ps = [torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for v in w0.values()]
-    opt = torch.optim.SGD(ps, lr=LRS[0], weight_decay=weight_decay)
-    grads = []
-    for i in range(STEPS):
-        g = _grads(rng, shapes, i)
-        grads.append(g)
-        for p, k in zip(ps, shapes, strict=True):
-            p.grad = torch.tensor(g[k], dtype=torch.float64)
-        clip_fn(ps)
-        for group in opt.param_groups:
-            group["lr"] = LRS[i]
-        opt.step()
-    return w0, grads, {k: p.detach().numpy() for p, k in zip(ps, shapes, strict=True)}
+    w0, grads = _problem(shapes, seed)
+    tensors = oh.torch_tensors(w0)
+    opt = torch.optim.SGD(list(tensors.values()), lr=LRS[0], weight_decay=weight_decay)
+    return w0, grads, oh.torch_steps(opt, tensors, grads, LRS, before_step=clip_fn)[-1][0]
 
 
 def _oracle_run(name, w0, grads, **hp):
-    op = reference.get(name)
-    state = op.init(w0, **hp)
-    w = dict(w0)
-    for i, g in enumerate(grads):
-        w, state = op.step(w, g, state, lr=LRS[i], **hp)
-    return w
+    return oh.trajectory(reference.get(name), w0, grads, LRS, **hp)[-1][0]
 
 
 def test_torch_clip_grad_norm_then_sgd():
     torch = pytest.importorskip("torch")
     w0, grads, got = _torch_run(SHAPES_OUT_FIRST, lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.5), 1e-2)
     want = _oracle_run("global_norm_clip", w0, grads, max_norm=1.5, eps_add=1e-6, weight_decay=1e-2)
-    assert _max_rel(got, want) < RTOL
+    assert oh.rel_elementwise(got, want) < RTOL
 
 
 def test_torch_clip_grad_norm_per_tensor_then_sgd():
@@ -253,7 +237,7 @@ def test_torch_clip_grad_norm_per_tensor_then_sgd():
 
     w0, grads, got = _torch_run(SHAPES_OUT_FIRST, per_tensor, 1e-2)
     want = _oracle_run("per_tensor_clip", w0, grads, max_norm=0.7, eps_add=1e-6, weight_decay=1e-2)
-    assert _max_rel(got, want) < RTOL
+    assert oh.rel_elementwise(got, want) < RTOL
 
 
 def test_pytorch_optimizer_agc_then_sgd():
@@ -267,34 +251,18 @@ def test_pytorch_optimizer_agc_then_sgd():
     w0, grads, got = _torch_run(SHAPES_OUT_FIRST, agc, 1e-2)
     want = _oracle_run("agc", w0, grads, clipping=0.02, layout="out_first_3d_dim1", compare_guarded=True,
                        weight_decay=1e-2)
-    assert _max_rel(got, want) < RTOL
+    assert oh.rel_elementwise(got, want) < RTOL
     # the 3-D tensor tells the layouts apart
     other = _oracle_run("agc", w0, grads, clipping=0.02, layout="out_first", weight_decay=1e-2)
-    assert _max_rel({"a": got["attn/weight"]}, {"a": other["attn/weight"]}) > 1e-6
+    assert oh.rel_elementwise({"a": got["attn/weight"]}, {"a": other["attn/weight"]}) > 1e-6
 
 
 def _optax_run(shapes, clip, weight_decay, seed=4):
-    pytest.importorskip("jax")
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    optax = pytest.importorskip("optax")
-    import jax.numpy as jnp
-
-    rng = np.random.default_rng(seed)
-    w0 = _tree(rng, shapes)
-    schedule = lambda count: jnp.where(count < 6, LRS[0], LRS[-1])  # noqa: E731
-    tx = optax.chain(clip, optax.add_decayed_weights(weight_decay), optax.sgd(schedule))
-    params = {k: jnp.asarray(v) for k, v in w0.items()}
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    grads = []
-    for i in range(STEPS):
-        g = _grads(rng, shapes, i)
-        grads.append(g)
-        updates, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, params)
-        params = jax.tree.map(lambda p, u: p + u, params, updates)
-    return w0, grads, {k: np.asarray(v) for k, v in params.items()}
+    """optax.sgd after ``clip`` and the decay: w0, the gradients, the last weights."""
+    _, optax = oh.optax_x64()
+    w0, grads = _problem(shapes, seed)
+    tx = optax.chain(clip, optax.add_decayed_weights(weight_decay), optax.sgd(oh.optax_schedule(LRS)))
+    return w0, grads, oh.optax_steps(tx, w0, grads, jit=True)[-1][0]
 
 
 def test_optax_clip_by_global_norm():
@@ -302,25 +270,25 @@ def test_optax_clip_by_global_norm():
     w0, grads, got = _optax_run(SHAPES_OUT_LAST, optax.clip_by_global_norm(1.5), 1e-2)
     assert next(iter(got.values())).dtype == np.float64
     want = _oracle_run("global_norm_clip", w0, grads, max_norm=1.5, eps_add=0.0, weight_decay=1e-2)
-    assert _max_rel(got, want) < RTOL
+    assert oh.rel_elementwise(got, want) < RTOL
 
 
 def test_optax_clip_by_block_rms():
     optax = pytest.importorskip("optax")
     w0, grads, got = _optax_run(SHAPES_OUT_LAST, optax.clip_by_block_rms(0.3), 1e-2)
     want = _oracle_run("per_tensor_clip", w0, grads, max_norm=0.3, measure="rms", weight_decay=1e-2)
-    assert _max_rel(got, want) < RTOL
+    assert oh.rel_elementwise(got, want) < RTOL
 
 
 def test_optax_adaptive_grad_clip():
     optax = pytest.importorskip("optax")
     w0, grads, got = _optax_run(SHAPES_OUT_LAST, optax.adaptive_grad_clip(0.05, eps=1e-3), 1e-2)
     want = _oracle_run("agc", w0, grads, clipping=0.05, layout="out_last", weight_decay=1e-2)
-    assert _max_rel(got, want) < RTOL
+    assert oh.rel_elementwise(got, want) < RTOL
     # the (1, 7) row is one unit for optax (squeeze rule); per-column units would differ
     other = _oracle_run("agc", w0, grads, clipping=0.05, layout="out_first", weight_decay=1e-2)
-    assert _max_rel({"r": got["row"]}, {"r": other["row"]}) < RTOL  # (1, n): dims 1.. = whole
-    assert _max_rel({"a": got["fc/weight"]}, {"a": other["fc/weight"]}) > 1e-6
+    assert oh.rel_elementwise({"r": got["row"]}, {"r": other["row"]}) < RTOL  # (1, n): dims 1.. = whole
+    assert oh.rel_elementwise({"a": got["fc/weight"]}, {"a": other["fc/weight"]}) > 1e-6
 
 
 # ------------------------------------------------------------------------------------------

@@ -8,42 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import optim_helpers as oh
 import reference
 from reference.optimizers import adam, lamb
 
-SHAPES = {"conv/weight": (4, 3, 3, 3), "conv/bias": (4,), "bn/weight": (4,), "fc/weight": (5, 6),
-          "fc/bias": (5,)}
+SHAPES = {**oh.SHAPES_NO_BN_BIAS, "fc/bias": (5,)}
 OP = reference.get("lamb")
-
-
-def _tree(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
-    return {p: scale * rng.standard_normal(s) for p, s in SHAPES.items()}
-
-
-def _grads(seed: int, steps: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    scales = {p: 10.0 ** rng.uniform(-1, 1) for p in SHAPES}  # two decades across tensors
-    return [{p: scales[p] * rng.standard_normal(s) for p, s in SHAPES.items()} for _ in range(steps)]
 
 
 def _hp(dialect: str | None = None, **overrides):
     return OP.spec.resolve(overrides, dialect=dialect)
-
-
-def _run(params, grads_seq, hp, lrs=None, module=lamb):
-    state = module.init(params, **hp)
-    trace = []
-    for k, g in enumerate(grads_seq):
-        step_hp = dict(hp, lr=lrs[k]) if lrs is not None else hp
-        params, state = module.step(params, g, state, **step_hp)
-        trace.append((params, state))
-    return trace
-
-
-def _rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    """max over tensors of ||a - b||_inf / ||b||_inf."""
-    return max(float(np.max(np.abs(np.asarray(a[p]) - b[p])) / max(np.max(np.abs(b[p])), 1e-300))
-               for p in b)
 
 
 LRS = [1e-2] * 6 + [1e-3] * 6  # a mid-run drop
@@ -63,10 +37,10 @@ corrections = st.sampled_from(["adam", "none"])
 def test_step_norm_is_lr_weight_norm(seed, lr, correction, averaging, eps):
     """wd 0, every tensor adapted, no clip: ||delta w|| = lr ||w|| per tensor at every step."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
+    params = oh.tree(rng, SHAPES)
     hp = _hp(lr=lr, weight_decay=0.0, eps=eps, bias_correction=correction, grad_averaging=averaging)
     prev = params
-    for new, _ in _run(params, _grads(seed, 4), hp):
+    for new, _ in oh.trajectory(lamb, params, oh.gradients(seed, 4, SHAPES), **hp):
         for p in SHAPES:
             tol = 1e-12 + 2.3e-16 / lr  # ulp(w) / ||delta w|| of the subtraction w - new
             assert np.linalg.norm(new[p] - prev[p]) == pytest.approx(
@@ -80,12 +54,12 @@ def test_direction_is_adam_direction(seed, eps, beta1):
     """wd 0: delta w_t = -lr ||w_t|| d_t / ||d_t|| with d_t the Adam direction of the same
     gradients (with wd = 0 the moments do not depend on the parameters)."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    grads = _grads(seed, 5)
+    params = oh.tree(rng, SHAPES)
+    grads = oh.gradients(seed, 5, SHAPES)
     hp = _hp(lr=0.05, weight_decay=0.0, eps=eps, beta1=beta1)
-    ours = _run(params, grads, hp)
+    ours = oh.trajectory(lamb, params, grads, **hp)
     hp_adam = reference.get("adam").spec.resolve(dict(lr=1.0, eps=eps, beta1=beta1), dialect="torch")
-    adam_trace = _run(params, grads, hp_adam, module=adam)
+    adam_trace = oh.trajectory(adam, params, grads, **hp_adam)
     prev_lamb, prev_adam = params, params
     for (new, _), (new_adam, _) in zip(ours, adam_trace, strict=True):
         for p in SHAPES:
@@ -100,15 +74,15 @@ def test_direction_is_adam_direction(seed, eps, beta1):
 def test_no_adaptation_equals_adamw(seed, wd, mask):
     """trust_mask = none with the update-form decay is AdamW (decoupled, lr-scaled)."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    grads = _grads(seed, 6)
-    a = _run(params, grads, _hp(weight_decay=wd, weight_decay_mask=mask, trust_mask="none",
-                                eps=1e-8), lrs=LRS)
+    params = oh.tree(rng, SHAPES)
+    grads = oh.gradients(seed, 6, SHAPES)
+    a = oh.trajectory(lamb, params, grads, LRS, **_hp(weight_decay=wd, weight_decay_mask=mask,
+                                                      trust_mask="none", eps=1e-8))
     hp_w = reference.get("adamw").spec.resolve(dict(weight_decay=wd, weight_decay_mask=mask,
                                                     eps=1e-8), dialect="torch")
-    b = _run(params, grads, hp_w, lrs=LRS, module=adam)
-    assert _rel(a[-1][0], b[-1][0]) < 1e-13
-    assert _rel(a[-1][1]["exp_avg_sq"], b[-1][1]["exp_avg_sq"]) < 1e-14
+    b = oh.trajectory(adam, params, grads, LRS, **hp_w)
+    assert oh.rel(a[-1][0], b[-1][0]) < 1e-13
+    assert oh.rel(a[-1][1]["exp_avg_sq"], b[-1][1]["exp_avg_sq"]) < 1e-14
 
 
 @settings(max_examples=20)
@@ -116,8 +90,8 @@ def test_no_adaptation_equals_adamw(seed, wd, mask):
 def test_trust_clip_ratio_at_most_one(seed, w_scale, wd):
     """LAMBC: ||delta w|| <= lr ||u||, with equality when ||w|| >= ||u||."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng, w_scale)
-    g = _grads(seed, 1)[0]
+    params = oh.tree(rng, SHAPES, w_scale)
+    g = oh.gradients(seed, 1, SHAPES)[0]
     lr = 1e-2
     hp = _hp(lr=lr, weight_decay=wd, trust_clip=True, weight_decay_mode="update")
     new, _ = lamb.step(params, g, lamb.init(params, **hp), **hp)
@@ -137,8 +111,8 @@ def test_global_clip_bounds_gradient_norm(seed, clip, c):
     """apex/timm pre-clip: the moments see g min(1, clip / N); once N > clip, scaling every
     gradient changes nothing."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    g = _grads(seed, 1)[0]
+    params = oh.tree(rng, SHAPES)
+    g = oh.gradients(seed, 1, SHAPES)[0]
     hp = _hp("timm", global_clip=clip)
     new, state = lamb.step(params, g, lamb.init(params, **hp), **hp)
     n = np.sqrt(sum(np.sum(v**2) for v in g.values()))
@@ -147,7 +121,7 @@ def test_global_clip_bounds_gradient_norm(seed, clip, c):
     if n > clip:
         big = {p: c * v for p, v in g.items()}
         new_big, _ = lamb.step(params, big, lamb.init(params, **hp), **hp)
-        assert _rel(new_big, new) < 1e-13
+        assert oh.rel(new_big, new) < 1e-13
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,8 +131,8 @@ def test_global_clip_bounds_gradient_norm(seed, clip, c):
 
 def test_trust_scope_decayed_only_moves_undecayed_as_adam():
     rng = np.random.default_rng(1)
-    params = _tree(rng)
-    g = _grads(1, 1)[0]
+    params = oh.tree(rng, SHAPES)
+    g = oh.gradients(1, 1, SHAPES)[0]
     hp = _hp("apex", lr=1e-2, weight_decay_mask="ndim>=2", global_clip=None)
     new, _ = lamb.step(params, g, lamb.init(params, **hp), **hp)
     for p, w in params.items():
@@ -171,11 +145,11 @@ def test_trust_scope_decayed_only_moves_undecayed_as_adam():
 def test_m_step_and_phi_bounds():
     """pytorch_optimizer: ||delta w|| = lr / (1 - beta1^t) min(||w||, 10) ||u|| / (||u|| + eps)."""
     rng = np.random.default_rng(2)
-    params = _tree(rng, 5.0)  # ||conv/weight|| ~ 30 > 10: clamped
-    grads = _grads(2, 3)
+    params = oh.tree(rng, SHAPES, 5.0)  # ||conv/weight|| ~ 30 > 10: clamped
+    grads = oh.gradients(2, 3, SHAPES)
     hp = _hp("pytorch_optimizer", lr=1e-2, weight_decay=0.0, trust_eps=0.0)
     prev = params
-    for t, (new, _) in enumerate(_run(params, grads, hp), start=1):
+    for t, (new, _) in enumerate(oh.trajectory(lamb, params, grads, **hp), start=1):
         for p in SHAPES:
             phi = min(np.linalg.norm(prev[p]), 10.0)
             assert np.linalg.norm(new[p] - prev[p]) == pytest.approx(
@@ -191,8 +165,8 @@ def test_phi_min_above_phi_max_is_rejected():
 
 def test_raw_function_keeps_float32_and_harness_form():
     rng = np.random.default_rng(0)
-    params = {p: v.astype(np.float32) for p, v in _tree(rng).items()}
-    g = {p: v.astype(np.float32) for p, v in _grads(0, 1)[0].items()}
+    params = oh.as_float32(oh.tree(rng, SHAPES))
+    g = oh.as_float32(oh.gradients(0, 1, SHAPES)[0])
     for dialect in OP.spec.dialects:
         hp = _hp(dialect, lr=1e-2, weight_decay=1e-2)
         state = lamb.init.__wrapped__(params, **hp)
@@ -200,7 +174,7 @@ def test_raw_function_keeps_float32_and_harness_form():
         new, state = lamb.step.__wrapped__(new, g, state, **hp)
         assert all(v.dtype == np.float32 for v in new.values()), dialect
         assert all(v.dtype == np.float32 for v in state["exp_avg_sq"].values()), dialect
-    flat = {**{f"params/{p}": v for p, v in params.items()}, **{f"grads/{p}": v for p, v in g.items()}}
+    flat = oh.flat(params, g)
     out, state = OP.apply(flat, None, lr=1e-2)
     assert set(out) == {f"params/{p}" for p in SHAPES}
     assert set(state) == {"step", *(f"{s}/{p}" for s in ("exp_avg", "exp_avg_sq") for p in SHAPES)}
@@ -228,37 +202,27 @@ def test_bad_hparams_name_the_argument(key, value, exc, pattern):
 
 @pytest.fixture(scope="module")
 def optax_x64():
-    jax = pytest.importorskip("jax")
-    optax = pytest.importorskip("optax")
-    jax.config.update("jax_enable_x64", True)
-    return jax, optax
+    return oh.optax_x64()
 
 
 @pytest.mark.parametrize("masked,clip,eps_root", [(False, None, 0.0), (True, None, 1e-10),
                                                   (True, 0.5, 0.0)])
 def test_optax_lamb_trajectory(optax_x64, masked, clip, eps_root):
-    jax, optax = optax_x64
-    rng = np.random.default_rng(11)
-    params = _tree(rng)
-    grads = _grads(11, len(LRS))
+    _, optax = optax_x64
+    params = oh.tree(np.random.default_rng(11), SHAPES)
+    grads = oh.gradients(11, len(LRS), SHAPES)
     mask = "ndim>=2" if masked else "all"
     hp = _hp("optax", weight_decay=1e-2, weight_decay_mask=mask, eps_root=eps_root, global_clip=clip)
-    ours = _run(params, grads, hp, lrs=LRS)
+    ours = oh.trajectory(lamb, params, grads, LRS, **hp)
     tree_mask = {p: (len(s) >= 2 or not masked) for p, s in SHAPES.items()}
-    tx = optax.lamb(lambda count: jax.numpy.where(count < 6, 1e-2, 1e-3), eps_root=eps_root,
-                    weight_decay=1e-2, mask=tree_mask)
+    tx = optax.lamb(oh.optax_schedule(LRS), eps_root=eps_root, weight_decay=1e-2, mask=tree_mask)
     if clip is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-    jp = {p: jax.numpy.asarray(v) for p, v in params.items()}
-    state = tx.init(jp)
-    update = jax.jit(tx.update)
-    for k, g in enumerate(grads):
-        updates, state = update({p: jax.numpy.asarray(v) for p, v in g.items()}, state, jp)
-        jp = optax.apply_updates(jp, updates)
-        assert _rel({p: np.asarray(v) for p, v in jp.items()}, ours[k][0]) < 1e-12
+    for (w, state), (w_ours, s_ours) in zip(oh.optax_steps(tx, params, grads, jit=True), ours, strict=True):
+        assert oh.rel(w, w_ours) < 1e-12
         adam_state = state[-1][0] if clip is not None else state[0]
-        assert _rel(dict(adam_state.mu), ours[k][1]["exp_avg"]) < 1e-12
-        assert _rel(dict(adam_state.nu), ours[k][1]["exp_avg_sq"]) < 1e-12
+        assert oh.rel(adam_state.mu, s_ours["exp_avg"]) < 1e-12
+        assert oh.rel(adam_state.nu, s_ours["exp_avg_sq"]) < 1e-12
 
 
 def test_optax_lamb_through_the_adapter_mapping(optax_x64):
@@ -266,36 +230,22 @@ def test_optax_lamb_through_the_adapter_mapping(optax_x64):
 
     adapter = load_adapter("jax")
     support = adapter.ops()["lamb"]
-    rng = np.random.default_rng(5)
-    params = _tree(rng)
-    grads = _grads(5, len(LRS))
+    params = oh.tree(np.random.default_rng(5), SHAPES)
+    grads = oh.gradients(5, len(LRS), SHAPES)
     for extra in (dict(weight_decay=1e-2), dict(weight_decay=1e-2, weight_decay_mask="ndim>=2",
                                                 global_clip=1.0, eps_root=1e-12)):
         hp = OP.spec.resolve({**support.dialect, **extra})
-        inputs = {f"params/{p}": v for p, v in params.items()}
-        state_ours = OP.init_state(inputs, **hp)
-        state_theirs = dict(state_ours)
-        theirs_params = dict(params)
-        for k, g in enumerate(grads):
-            step_hp = dict(hp, lr=LRS[k])
-            out, state_ours = OP.apply({**inputs, **{f"grads/{p}": v for p, v in g.items()}},
-                                       state_ours, **step_hp)
-            inputs = {k2: np.asarray(v) for k2, v in out.items()}
-            req_in = {**{f"params/{p}": v for p, v in theirs_params.items()},
-                      **{f"grads/{p}": v for p, v in g.items()}}
-            r = adapter.evaluate("lamb", Request("lamb", "float64", req_in, state_theirs, step_hp, None))
-            theirs_params = {p: np.asarray(r.outputs[f"params/{p}"]) for p in SHAPES}
-            state_theirs = {k2: np.asarray(v) for k2, v in r.state.items()}
+        steps = oh.adapter_trajectory(adapter, "lamb", hp, params, grads, LRS)
+        for theirs, state_theirs, ours, state_ours in steps:
             assert set(state_theirs) == set(state_ours)
-            assert _rel(theirs_params, {p: inputs[f"params/{p}"] for p in SHAPES}) < 1e-12
+            assert oh.rel(theirs, ours) < 1e-12
             for slot in ("exp_avg", "exp_avg_sq"):
-                assert _rel({p: state_theirs[f"{slot}/{p}"] for p in SHAPES},
-                            {p: state_ours[f"{slot}/{p}"] for p in SHAPES}) < 1e-12
+                assert oh.rel({p: state_theirs[f"{slot}/{p}"] for p in SHAPES},
+                              {p: state_ours[f"{slot}/{p}"] for p in SHAPES}) < 1e-12
     # optax.lamb adapts every tensor: a decayed-only scope with a wd mask is not expressible
     hp = OP.spec.resolve({**support.dialect, "trust_scope": "decayed_only",
                           "weight_decay_mask": "ndim>=2"})
-    req_in = {**{f"params/{p}": v for p, v in params.items()},
-              **{f"grads/{p}": v for p, v in grads[0].items()}}
+    req_in = oh.flat(params, grads[0])
     with pytest.raises(Unsupported, match="trust ratio"):
         adapter.evaluate("lamb", Request("lamb", "float64", req_in,
                                          OP.init_state(req_in, **hp), hp, None))
@@ -304,11 +254,10 @@ def test_optax_lamb_through_the_adapter_mapping(optax_x64):
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("variant", ["default", "update_decay", "fixed_decay", "no_averaging"])
 def test_pytorch_optimizer_lamb_trajectory(foreach, variant):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     po = pytest.importorskip("pytorch_optimizer")
-    rng = np.random.default_rng(7)
-    params = _tree(rng)
-    grads = _grads(7, len(LRS))
+    params = oh.tree(np.random.default_rng(7), SHAPES)
+    grads = oh.gradients(7, len(LRS), SHAPES)
     kwargs, knobs = {}, {}
     if variant == "update_decay":
         kwargs, knobs = {"weight_decouple": False}, {"weight_decay_mode": "update"}
@@ -317,51 +266,42 @@ def test_pytorch_optimizer_lamb_trajectory(foreach, variant):
     elif variant == "no_averaging":
         kwargs, knobs = {"grad_averaging": False}, {"grad_averaging": False}
     hp = _hp("pytorch_optimizer", weight_decay=1e-2, **knobs)
-    ours = _run(params, grads, hp, lrs=LRS)
-    tensors = {p: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for p, v in params.items()}
+    ours = oh.trajectory(lamb, params, grads, LRS, **hp)
+    tensors = oh.torch_tensors(params)
     opt = po.Lamb(list(tensors.values()), lr=LRS[0], weight_decay=1e-2, foreach=foreach, **kwargs)
-    for k, g in enumerate(grads):
-        for group in opt.param_groups:
-            group["lr"] = LRS[k]
-        for p, t in tensors.items():
-            t.grad = torch.tensor(g[p], dtype=torch.float64)
-        opt.step()
-        assert _rel({p: t.detach().numpy() for p, t in tensors.items()}, ours[k][0]) < 1e-12
-        assert _rel({p: opt.state[t]["exp_avg_sq"].numpy() for p, t in tensors.items()},
-                    ours[k][1]["exp_avg_sq"]) < 1e-12
+    theirs = oh.torch_steps(opt, tensors, grads, LRS, slots=("exp_avg_sq",))
+    for (w, state), (w_ours, s_ours) in zip(theirs, ours, strict=True):
+        assert oh.rel(w, w_ours) < 1e-12
+        assert oh.rel(state["exp_avg_sq"], s_ours["exp_avg_sq"]) < 1e-12
 
 
 def test_pytorch_optimizer_lamb_pre_norm():
     """pre_norm: g min(1, c / (N + eps)), N computed in float32 by pytorch_optimizer (so ~1e-7)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     po = pytest.importorskip("pytorch_optimizer")
-    rng = np.random.default_rng(8)
-    params = _tree(rng)
-    grads = _grads(8, 6)
+    params = oh.tree(np.random.default_rng(8), SHAPES)
+    grads = oh.gradients(8, 6, SHAPES)
     hp = _hp("pytorch_optimizer", lr=1e-2, weight_decay=1e-2, global_clip=1.0, global_clip_eps=1e-6)
-    ours = _run(params, grads, hp)
-    tensors = {p: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for p, v in params.items()}
+    ours = oh.trajectory(lamb, params, grads, **hp)
+    tensors = oh.torch_tensors(params)
     opt = po.Lamb(list(tensors.values()), lr=1e-2, weight_decay=1e-2, pre_norm=True,
                   max_grad_norm=1.0, foreach=False)
-    for k, g in enumerate(grads):
-        for p, t in tensors.items():
-            t.grad = torch.tensor(g[p], dtype=torch.float64)
-        opt.step()
-        assert _rel({p: opt.state[t]["exp_avg"].numpy() for p, t in tensors.items()},
-                    ours[k][1]["exp_avg"]) < 1e-6
-    unclipped = _run(params, grads, dict(hp, global_clip=None))
-    assert _rel(unclipped[-1][1]["exp_avg"], ours[-1][1]["exp_avg"]) > 1e-2
+    for (_, state), (_, s_ours) in zip(oh.torch_steps(opt, tensors, grads, slots=("exp_avg",)), ours,
+                                       strict=True):
+        assert oh.rel(state["exp_avg"], s_ours["exp_avg"]) < 1e-6
+    unclipped = oh.trajectory(lamb, params, grads, **dict(hp, global_clip=None))
+    assert oh.rel(unclipped[-1][1]["exp_avg"], ours[-1][1]["exp_avg"]) > 1e-2
 
 
 def test_dialects_disagree_where_the_notes_say():
     """apex/timm (pre-clip, decayed-only scope) vs optax/TFA (neither) vs pytorch_optimizer."""
     rng = np.random.default_rng(4)
-    params = _tree(rng)
-    grads = _grads(4, 5)
+    params = oh.tree(rng, SHAPES)
+    grads = oh.gradients(4, 5, SHAPES)
     common = dict(lr=1e-2, weight_decay=1e-2, weight_decay_mask="ndim>=2", eps=1e-6)
-    runs = {d: _run(params, grads, _hp(d, **common))[-1][0]
+    runs = {d: oh.trajectory(lamb, params, grads, **_hp(d, **common))[-1][0]
             for d in ("optax", "timm", "pytorch_optimizer", "paper_v1")}
     names = list(runs)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            assert _rel(runs[a], runs[b]) > 1e-6, (a, b)
+            assert oh.rel(runs[a], runs[b]) > 1e-6, (a, b)

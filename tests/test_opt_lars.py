@@ -8,42 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import optim_helpers as oh
 import reference
 from reference.optimizers import lars, sgd
 
-SHAPES = {"conv/weight": (4, 3, 3, 3), "conv/bias": (4,), "bn/weight": (4,), "fc/weight": (5, 6),
-          "fc/bias": (5,)}
+SHAPES = {**oh.SHAPES_NO_BN_BIAS, "fc/bias": (5,)}
 OP = reference.get("lars")
-
-
-def _tree(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
-    return {p: scale * rng.standard_normal(s) for p, s in SHAPES.items()}
-
-
-def _grads(seed: int, steps: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    scales = {p: 10.0 ** rng.uniform(-1, 1) for p in SHAPES}  # two decades across tensors
-    return [{p: scales[p] * rng.standard_normal(s) for p, s in SHAPES.items()} for _ in range(steps)]
 
 
 def _hp(dialect: str | None = None, **overrides):
     return OP.spec.resolve(overrides, dialect=dialect)
-
-
-def _run(params, grads_seq, hp, lrs=None, module=lars):
-    state = module.init(params, **hp)
-    trace = []
-    for k, g in enumerate(grads_seq):
-        step_hp = dict(hp, lr=lrs[k]) if lrs is not None else hp
-        params, state = module.step(params, g, state, **step_hp)
-        trace.append((params, state))
-    return trace
-
-
-def _rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    """max over tensors of ||a - b||_inf / ||b||_inf."""
-    return max(float(np.max(np.abs(np.asarray(a[p]) - b[p])) / max(np.max(np.abs(b[p])), 1e-300))
-               for p in b)
 
 
 LRS = [1.0] * 6 + [0.1] * 6  # a mid-run drop: lr inside vs outside the buffer shows
@@ -63,8 +37,8 @@ seeds = st.integers(0, 2**31 - 1)
 def test_step_norm_is_lr_tc_weight_norm(seed, lr, tc, denominator, placement):
     """momentum 0, wd 0, eps 0, adapted: ||delta w|| = lr tc ||w|| per tensor, whatever ||g||."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    g = _grads(seed, 1)[0]
+    params = oh.tree(rng, SHAPES)
+    g = oh.gradients(seed, 1, SHAPES)[0]
     hp = _hp(lr=lr, momentum=0.0, weight_decay=0.0, eps=0.0, trust_coefficient=tc,
              trust_denominator=denominator, lr_placement=placement, always_adapt=True)
     new, _ = lars.step(params, g, lars.init(params, **hp), **hp)
@@ -81,13 +55,13 @@ def test_step_norm_is_lr_tc_weight_norm(seed, lr, tc, denominator, placement):
 def test_gradient_scale_invariance(seed, c, nesterov, placement):
     """wd 0, eps 0: scaling every gradient by c > 0 leaves the trajectory unchanged."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    grads = _grads(seed, 4)
+    params = oh.tree(rng, SHAPES)
+    grads = oh.gradients(seed, 4, SHAPES)
     hp = _hp(lr=0.5, momentum=0.9, nesterov=nesterov, weight_decay=0.0, eps=0.0,
              lr_placement=placement)
-    ref = _run(params, grads, hp)
-    scaled = _run(params, [{p: c * g[p] for p in g} for g in grads], hp)
-    assert _rel(scaled[-1][0], ref[-1][0]) < 1e-12
+    ref = oh.trajectory(lars, params, grads, **hp)
+    scaled = oh.trajectory(lars, params, [{p: c * g[p] for p in g} for g in grads], **hp)
+    assert oh.rel(scaled[-1][0], ref[-1][0]) < 1e-12
 
 
 @settings(max_examples=20)
@@ -96,15 +70,15 @@ def test_gradient_scale_invariance(seed, c, nesterov, placement):
 def test_weight_scale_equivariance(seed, c, momentum, clone):
     """wd 0, eps 0: w -> c w scales the first update by c (the ratio is linear in ||w||)."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    g = _grads(seed, 1)[0]
+    params = oh.tree(rng, SHAPES)
+    g = oh.gradients(seed, 1, SHAPES)[0]
     hp = _hp(lr=0.7, momentum=momentum, weight_decay=0.0, eps=0.0,
              first_step="clone" if clone else "zeros", lr_placement="outside")
     new, _ = lars.step(params, g, lars.init(params, **hp), **hp)
     big = {p: c * w for p, w in params.items()}
     new_big, _ = lars.step(big, g, lars.init(big, **hp), **hp)
     delta = {p: c * (new[p] - params[p]) for p in SHAPES}
-    assert _rel({p: new_big[p] - big[p] for p in SHAPES}, delta) < 1e-12
+    assert oh.rel({p: new_big[p] - big[p] for p in SHAPES}, delta) < 1e-12
 
 
 @settings(max_examples=20)
@@ -113,8 +87,8 @@ def test_weight_scale_equivariance(seed, c, momentum, clone):
 def test_larc_clip_effective_lr_at_most_lr(seed, lr, tc, wd, eps):
     """trust_clip: delta w = -min(ratio, lr) (g + wd w), so the per-layer rate is <= lr."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    g = _grads(seed, 1)[0]
+    params = oh.tree(rng, SHAPES)
+    g = oh.gradients(seed, 1, SHAPES)[0]
     hp = _hp("apex_larc", lr=lr, momentum=0.0, weight_decay=wd, trust_coefficient=tc, eps=eps)
     new, _ = lars.step(params, g, lars.init(params, **hp), **hp)
     for p, w in params.items():
@@ -131,33 +105,34 @@ def test_larc_clip_effective_lr_at_most_lr(seed, lr, tc, wd, eps):
 @given(seed=seeds)
 def test_denominators_agree_without_decay(seed):
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    grads = _grads(seed, 5)
-    a = _run(params, grads, _hp(weight_decay=0.0, trust_denominator="sum_of_norms"))
-    b = _run(params, grads, _hp(weight_decay=0.0, trust_denominator="norm_of_sum"))
-    assert _rel(a[-1][0], b[-1][0]) < 1e-13
+    params = oh.tree(rng, SHAPES)
+    grads = oh.gradients(seed, 5, SHAPES)
+    a = oh.trajectory(lars, params, grads, **_hp(weight_decay=0.0, trust_denominator="sum_of_norms"))
+    b = oh.trajectory(lars, params, grads, **_hp(weight_decay=0.0, trust_denominator="norm_of_sum"))
+    assert oh.rel(a[-1][0], b[-1][0]) < 1e-13
     # ... and differ with decay (the optax / timm disagreement, estimators-optimizers.md A3)
-    a = _run(params, grads, _hp(weight_decay=0.05, trust_denominator="sum_of_norms"))
-    b = _run(params, grads, _hp(weight_decay=0.05, trust_denominator="norm_of_sum"))
-    assert _rel(a[-1][0], b[-1][0]) > 1e-9
+    a = oh.trajectory(lars, params, grads, **_hp(weight_decay=0.05, trust_denominator="sum_of_norms"))
+    b = oh.trajectory(lars, params, grads, **_hp(weight_decay=0.05, trust_denominator="norm_of_sum"))
+    assert oh.rel(a[-1][0], b[-1][0]) > 1e-9
 
 
 @settings(max_examples=20)
 @given(seed=seeds, nesterov=st.booleans())
 def test_lr_inside_equals_outside_constant_lr(seed, nesterov):
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    grads = _grads(seed, 8)
+    params = oh.tree(rng, SHAPES)
+    grads = oh.gradients(seed, 8, SHAPES)
     base = dict(lr=0.3, momentum=0.9, nesterov=nesterov, weight_decay=1e-2)
-    a = _run(params, grads, _hp(lr_placement="inside", **base))
-    b = _run(params, grads, _hp(lr_placement="outside", **base))
-    assert _rel(a[-1][0], b[-1][0]) < 1e-12
+    a = oh.trajectory(lars, params, grads, **_hp(lr_placement="inside", **base))
+    b = oh.trajectory(lars, params, grads, **_hp(lr_placement="outside", **base))
+    assert oh.rel(a[-1][0], b[-1][0]) < 1e-12
     # the buffers differ by the factor lr; after a rate change the trajectories part
-    assert _rel({p: a[-1][1]["momentum_buffer"][p] / 0.3 for p in SHAPES},
-                b[-1][1]["momentum_buffer"]) < 1e-12
-    a = _run(params, grads, _hp(lr_placement="inside", **base), lrs=[0.3] * 4 + [0.03] * 4)
-    b = _run(params, grads, _hp(lr_placement="outside", **base), lrs=[0.3] * 4 + [0.03] * 4)
-    assert _rel(a[-1][0], b[-1][0]) > 1e-9
+    assert oh.rel({p: a[-1][1]["momentum_buffer"][p] / 0.3 for p in SHAPES},
+                  b[-1][1]["momentum_buffer"]) < 1e-12
+    lrs = [0.3] * 4 + [0.03] * 4
+    a = oh.trajectory(lars, params, grads, lrs, **_hp(lr_placement="inside", **base))
+    b = oh.trajectory(lars, params, grads, lrs, **_hp(lr_placement="outside", **base))
+    assert oh.rel(a[-1][0], b[-1][0]) > 1e-9
 
 
 @settings(max_examples=20)
@@ -165,17 +140,18 @@ def test_lr_inside_equals_outside_constant_lr(seed, nesterov):
 def test_no_adaptation_equals_sgd(seed, wd, dampening):
     """trust_mask = none: LARS is torch SGD with L2 decay (same buffer, clone or zeros)."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    grads = _grads(seed, 6)
+    params = oh.tree(rng, SHAPES)
+    grads = oh.gradients(seed, 6, SHAPES)
     for first in ("clone", "zeros"):
-        a = _run(params, grads, _hp(lr=0.05, momentum=0.9, dampening=dampening, weight_decay=wd,
-                                    trust_mask="none", lr_placement="outside", first_step=first))
+        a = oh.trajectory(lars, params, grads, **_hp(lr=0.05, momentum=0.9, dampening=dampening,
+                                                     weight_decay=wd, trust_mask="none",
+                                                     lr_placement="outside", first_step=first))
         hp_sgd = reference.get("sgd").spec.resolve(
             dict(lr=0.05, momentum=0.9, dampening=dampening, weight_decay=wd, first_step=first),
             dialect="torch")
-        b = _run(params, grads, hp_sgd, module=sgd)
-        assert _rel(a[-1][0], b[-1][0]) < 1e-13
-        assert _rel(a[-1][1]["momentum_buffer"], b[-1][1]["momentum_buffer"]) < 1e-13
+        b = oh.trajectory(sgd, params, grads, **hp_sgd)
+        assert oh.rel(a[-1][0], b[-1][0]) < 1e-13
+        assert oh.rel(a[-1][1]["momentum_buffer"], b[-1][1]["momentum_buffer"]) < 1e-13
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,8 +180,8 @@ def test_zero_gradient_rules():
 def test_always_adapt_false_skips_undecayed_tensors():
     """timm: with wd = 0 on a tensor (the factory's no-decay group) the step is plain SGD."""
     rng = np.random.default_rng(3)
-    params = _tree(rng)
-    g = _grads(3, 1)[0]
+    params = oh.tree(rng, SHAPES)
+    g = oh.gradients(3, 1, SHAPES)[0]
     hp = _hp("timm", lr=0.1, momentum=0.0, weight_decay=1e-2, weight_decay_mask="ndim>=2")
     new, _ = lars.step(params, g, lars.init(params, **hp), **hp)
     for p, w in params.items():
@@ -217,15 +193,15 @@ def test_always_adapt_false_skips_undecayed_tensors():
 
 def test_raw_function_keeps_float32_and_harness_form():
     rng = np.random.default_rng(0)
-    params = {p: v.astype(np.float32) for p, v in _tree(rng).items()}
-    g = {p: v.astype(np.float32) for p, v in _grads(0, 1)[0].items()}
+    params = oh.as_float32(oh.tree(rng, SHAPES))
+    g = oh.as_float32(oh.gradients(0, 1, SHAPES)[0])
     for dialect in ("paper", "timm", "apex_larc", "optax", "pytorch_optimizer"):
         hp = _hp(dialect, lr=0.5, weight_decay=1e-3)
         state = lars.init.__wrapped__(params, **hp)
         new, state = lars.step.__wrapped__(params, g, state, **hp)
         new, state = lars.step.__wrapped__(new, g, state, **hp)
         assert all(v.dtype == np.float32 for v in new.values()), dialect
-    flat = {**{f"params/{p}": v for p, v in params.items()}, **{f"grads/{p}": v for p, v in g.items()}}
+    flat = oh.flat(params, g)
     out, state = OP.apply(flat, None, lr=0.5, weight_decay=1e-3)
     assert set(out) == {f"params/{p}" for p in SHAPES}
     assert set(state) == {"step", *(f"momentum_buffer/{p}" for p in SHAPES)}
@@ -259,116 +235,79 @@ def test_nesterov_needs_momentum():
 
 @pytest.fixture(scope="module")
 def optax_x64():
-    jax = pytest.importorskip("jax")
-    optax = pytest.importorskip("optax")
-    jax.config.update("jax_enable_x64", True)
-    return jax, optax
-
-
-def _optax_trajectory(jax, optax, tx, params, grads_seq):
-    jp = {p: jax.numpy.asarray(v, dtype=jax.numpy.float64) for p, v in params.items()}
-    state = tx.init(jp)
-    update = jax.jit(tx.update)
-    out = []
-    for g in grads_seq:
-        jg = {p: jax.numpy.asarray(v, dtype=jax.numpy.float64) for p, v in g.items()}
-        updates, state = update(jg, state, jp)
-        jp = optax.apply_updates(jp, updates)
-        out.append(({p: np.asarray(v) for p, v in jp.items()}, state))
-    return out
+    return oh.optax_x64()
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 def test_optax_lars_trajectory(optax_x64, nesterov, masked):
-    jax, optax = optax_x64
-    rng = np.random.default_rng(11)
-    params = _tree(rng)
-    grads = _grads(11, len(LRS))
+    _, optax = optax_x64
+    params = oh.tree(np.random.default_rng(11), SHAPES)
+    grads = oh.gradients(11, len(LRS), SHAPES)
     mask = "ndim>=2" if masked else "all"
     hp = _hp("optax", momentum=0.9, nesterov=nesterov, weight_decay=1e-2, eps=1e-9,
              trust_coefficient=2e-3, weight_decay_mask=mask, trust_mask=mask)
-    ours = _run(params, grads, hp, lrs=LRS)
+    ours = oh.trajectory(lars, params, grads, LRS, **hp)
     tree_mask = {p: (len(s) >= 2 or not masked) for p, s in SHAPES.items()}
-    tx = optax.lars(lambda count: jax.numpy.where(count < 6, 1.0, 0.1), weight_decay=1e-2,
-                    weight_decay_mask=tree_mask, trust_coefficient=2e-3, eps=1e-9,
-                    trust_ratio_mask=tree_mask, momentum=0.9, nesterov=nesterov)
-    theirs = _optax_trajectory(jax, optax, tx, params, grads)
+    tx = optax.lars(oh.optax_schedule(LRS), weight_decay=1e-2, weight_decay_mask=tree_mask,
+                    trust_coefficient=2e-3, eps=1e-9, trust_ratio_mask=tree_mask, momentum=0.9,
+                    nesterov=nesterov)
+    theirs = oh.optax_steps(tx, params, grads, jit=True)
     for (p_ours, s_ours), (p_theirs, s_theirs) in zip(ours, theirs, strict=True):
-        assert _rel(p_theirs, p_ours) < 1e-12
+        assert oh.rel(p_theirs, p_ours) < 1e-12
         trace = {p: -np.asarray(v) for p, v in s_theirs[-1].trace.items()}
-        assert _rel(trace, s_ours["momentum_buffer"]) < 1e-12
+        assert oh.rel(trace, s_ours["momentum_buffer"]) < 1e-12
     # optax's ||g + wd w|| is not the paper's ||g|| + wd ||w||
-    paper = _run(params, grads, dict(hp, trust_denominator="sum_of_norms"), lrs=LRS)
-    assert _rel(paper[-1][0], ours[-1][0]) > 1e-9
+    paper = oh.trajectory(lars, params, grads, LRS, **dict(hp, trust_denominator="sum_of_norms"))
+    assert oh.rel(paper[-1][0], ours[-1][0]) > 1e-9
 
 
 def test_optax_lars_through_the_adapter_mapping(optax_x64):
-    from conformance.adapters import Request, load_adapter
+    from conformance.adapters import load_adapter
 
     adapter = load_adapter("jax")
     support = adapter.ops()["lars"]
-    rng = np.random.default_rng(5)
-    params = _tree(rng)
-    grads = _grads(5, len(LRS))
+    params = oh.tree(np.random.default_rng(5), SHAPES)
+    grads = oh.gradients(5, len(LRS), SHAPES)
     for extra in (dict(momentum=0.9, weight_decay=1e-2),
                   dict(momentum=0.9, nesterov=True, weight_decay=1e-2, weight_decay_mask="ndim>=2",
                        always_adapt=False),
                   dict(momentum=0.0, weight_decay=1e-3, eps=1e-6)):
         hp = OP.spec.resolve({**support.dialect, **extra})
-        inputs = {f"params/{p}": v for p, v in params.items()}
-        state_ours = OP.init_state(inputs, **hp)
-        state_theirs = dict(state_ours)
-        theirs_params = dict(params)
-        for k, g in enumerate(grads):
-            step_hp = dict(hp, lr=LRS[k])
-            ours_in = {**inputs, **{f"grads/{p}": v for p, v in g.items()}}
-            out, state_ours = OP.apply(ours_in, state_ours, **step_hp)
-            inputs = {k2: np.asarray(v) for k2, v in out.items()}
-            req_in = {**{f"params/{p}": v for p, v in theirs_params.items()},
-                      **{f"grads/{p}": v for p, v in g.items()}}
-            r = adapter.evaluate("lars", Request("lars", "float64", req_in, state_theirs, step_hp, None))
-            theirs_params = {p: np.asarray(r.outputs[f"params/{p}"]) for p in SHAPES}
-            state_theirs = {k2: np.asarray(v) for k2, v in r.state.items()}
+        steps = oh.adapter_trajectory(adapter, "lars", hp, params, grads, LRS)
+        for k, (theirs, state_theirs, ours, state_ours) in enumerate(steps):
             assert set(state_theirs) == set(state_ours)
-            assert _rel(theirs_params, {p: inputs[f"params/{p}"] for p in SHAPES}) < 1e-12
+            assert oh.rel(theirs, ours) < 1e-12
             assert float(state_theirs["step"]) == float(state_ours["step"]) == k + 1
             if "momentum_buffer/fc/weight" in state_ours:
                 buf = {p: state_ours[f"momentum_buffer/{p}"] for p in SHAPES}
-                assert _rel({p: state_theirs[f"momentum_buffer/{p}"] for p in SHAPES}, buf) < 1e-12
+                assert oh.rel({p: state_theirs[f"momentum_buffer/{p}"] for p in SHAPES}, buf) < 1e-12
 
 
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("nesterov,dampening", [(False, 0.0), (True, 0.0), (False, 0.2)])
 def test_pytorch_optimizer_lars_trajectory(foreach, nesterov, dampening):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     po = pytest.importorskip("pytorch_optimizer")
-    rng = np.random.default_rng(7)
-    params = _tree(rng)
-    grads = _grads(7, len(LRS))
+    params = oh.tree(np.random.default_rng(7), SHAPES)
+    grads = oh.gradients(7, len(LRS), SHAPES)
     hp = _hp("pytorch_optimizer", momentum=0.9, nesterov=nesterov, dampening=dampening,
              weight_decay=1e-2, trust_coefficient=1e-2)
-    ours = _run(params, grads, hp, lrs=LRS)
-    tensors = {p: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for p, v in params.items()}
+    ours = oh.trajectory(lars, params, grads, LRS, **hp)
+    tensors = oh.torch_tensors(params)
     opt = po.LARS(list(tensors.values()), lr=1.0, momentum=0.9, nesterov=nesterov,
                   dampening=dampening, weight_decay=1e-2, trust_coefficient=1e-2, foreach=foreach)
-    for k, g in enumerate(grads):
-        for group in opt.param_groups:
-            group["lr"] = LRS[k]
-        for p, t in tensors.items():
-            t.grad = torch.tensor(g[p], dtype=torch.float64)
-        opt.step()
-        theirs = {p: t.detach().numpy().copy() for p, t in tensors.items()}
-        assert _rel(theirs, ours[k][0]) < 1e-12
-        bufs = {p: opt.state[t]["momentum_buffer"].numpy() for p, t in tensors.items()}
-        assert _rel(bufs, ours[k][1]["momentum_buffer"]) < 1e-12
+    theirs = oh.torch_steps(opt, tensors, grads, LRS, slots=("momentum_buffer",))
+    for (w, state), (w_ours, s_ours) in zip(theirs, ours, strict=True):
+        assert oh.rel(w, w_ours) < 1e-12
+        assert oh.rel(state["momentum_buffer"], s_ours["momentum_buffer"]) < 1e-12
 
 
 def test_pytorch_optimizer_is_not_timm():
     """Its 1-D tensors get no decay and no ratio; timm's defaults decay and adapt every tensor."""
     rng = np.random.default_rng(9)
-    params = _tree(rng)
-    grads = _grads(9, 4)
-    a = _run(params, grads, _hp("pytorch_optimizer", weight_decay=1e-2))
-    b = _run(params, grads, _hp("timm", weight_decay=1e-2))
-    assert _rel(a[-1][0], b[-1][0]) > 1e-6
+    params = oh.tree(rng, SHAPES)
+    grads = oh.gradients(9, 4, SHAPES)
+    a = oh.trajectory(lars, params, grads, **_hp("pytorch_optimizer", weight_decay=1e-2))
+    b = oh.trajectory(lars, params, grads, **_hp("timm", weight_decay=1e-2))
+    assert oh.rel(a[-1][0], b[-1][0]) > 1e-6

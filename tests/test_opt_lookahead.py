@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import optim_helpers as oh
 import reference
 from reference.optimizers import adam, lookahead, sgd
 
@@ -25,8 +26,7 @@ inners = st.sampled_from([
 
 
 def _params(seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng([seed, 1])
-    return {p: rng.standard_normal(s) for p, s in SHAPES.items()}
+    return oh.tree(np.random.default_rng([seed, 1]), SHAPES)
 
 
 def _grads(seed: int, k: int) -> dict[str, np.ndarray]:
@@ -42,11 +42,6 @@ def _inner_hp(hp: dict) -> dict:
     keys = ["lr", "weight_decay", "weight_decay_mode"]
     keys += ["momentum"] if hp["inner"] == "sgd" else ["beta1", "beta2", "eps"]
     return {k: hp[k] for k in keys}
-
-
-def _rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return max(float(np.max(np.abs(np.asarray(a[p]) - b[p])) / max(np.max(np.abs(b[p])), 1e-300))
-               for p in b)
 
 
 # ------------------------------------------------------------------------------------------
@@ -167,24 +162,9 @@ def test_alpha0_returns_to_the_initial_weights(seed, base, k):
 # ------------------------------------------------------------------------------------------
 
 
-def _torch_trajectory(make, hp, steps=14, seed=3):
-    torch = pytest.importorskip("torch")
-    params = _params(seed)
-    tp = {p: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for p, v in params.items()}
-    opt = make(list(tp.values()))
-    state = lookahead.init(params, **hp)
-    worst = 0.0
-    for t in range(steps):
-        lr = hp["lr"] * LR_FACTORS[t]
-        for group in opt.param_groups:
-            group["lr"] = lr
-        g = _grads(seed, t)
-        for p in tp:
-            tp[p].grad = torch.tensor(g[p])
-        opt.step()
-        params, state = lookahead.step(params, g, state, **{**hp, "lr": lr})
-        worst = max(worst, _rel({p: tp[p].detach().numpy() for p in tp}, params))
-    return worst
+def _torch_trajectory(make, hp, seed=3):
+    pytest.importorskip("torch")
+    return oh.torch_vs_oracle(make, lookahead, hp, _params(seed), lambda t, _: _grads(seed, t), LR_FACTORS)
 
 
 def _torch_inner(hp):
@@ -241,9 +221,7 @@ def _optax_fast(optax, hp, lr):
     {"inner": "adam", "lr": 1e-2, "k": 1},
 ])
 def test_matches_optax(base):
-    jax = pytest.importorskip("jax")
-    jax.config.update("jax_enable_x64", True)
-    optax = pytest.importorskip("optax")
+    _, optax = oh.optax_x64()
     import jax.numpy as jnp
 
     hp = OP.spec.resolve({"k": 3, "alpha": 0.6, **base}, dialect="optax")
@@ -264,8 +242,7 @@ def test_matches_optax(base):
         updates, ostate = make(lr).update({p: jnp.asarray(v) for p, v in g.items()}, ostate, lp)
         lp = optax.apply_updates(lp, updates)
         params, state = lookahead.step(params, g, state, **{**hp, "lr": lr})
-        worst = max(worst, _rel({p: np.asarray(v) for p, v in lp.fast.items()}, params),
-                    _rel({p: np.asarray(v) for p, v in lp.slow.items()}, state["slow"]))
+        worst = max(worst, oh.rel(lp.fast, params), oh.rel(lp.slow, state["slow"]))
         assert int(ostate.steps_since_sync) == (t + 1) % hp["k"]
     assert worst < 1e-12
 
@@ -280,25 +257,18 @@ def test_optax_adapter_mapping():
     support = adapter.ops()["lookahead"]
     assert support.dialect == {"slow_init": "params"}
     rng = np.random.default_rng(11)
-    shapes = {"w": (4, 3), "b": (4,)}
     for base in ({"inner": "sgd", "momentum": 0.9, "weight_decay": 1e-2},
                  {"inner": "sgd", "weight_decay": 1e-2, "weight_decay_mode": "decoupled_lr",
                   "momentum": 0.5, "reset_state": True},
                  {"inner": "adam", "weight_decay": 1e-2, "weight_decay_mode": "decoupled_lr",
                   "reset_state": True}):
         hp = OP.spec.resolve({**support.dialect, "lr": 0.1, "k": 2, "alpha": 0.3, **base})
-        inputs = {f"params/{p}": rng.standard_normal(s) for p, s in shapes.items()}
-        state = OP.init_state(inputs, **hp)
-        for _ in range(5):
-            inputs.update({f"grads/{p}": rng.standard_normal(s) for p, s in shapes.items()})
-            out, new_state = OP.apply(inputs, state, **hp)
-            r = adapter.evaluate("lookahead", Request("lookahead", "float64", dict(inputs),
-                                                      dict(state), hp, None))
+        steps = oh.adapter_steps(adapter, "lookahead", hp, rng, {"w": (4, 3), "b": (4,)}, steps=5)
+        for step_inputs, r, out, new_state in steps:
             assert set(r.state) == set(new_state)
-            assert _rel(r.outputs, out) < 1e-13
-            assert _rel(r.state, new_state) < 1e-13
-            inputs.update(out)
-            state = new_state
+            assert oh.rel(r.outputs, out) < 1e-13
+            assert oh.rel(r.state, new_state) < 1e-13
+            inputs = {**step_inputs, **out}
     with pytest.raises(Exception, match="slow_init"):
         hp = OP.spec.resolve({"slow_init": "first_sync"})
         adapter.evaluate("lookahead", Request("lookahead", "float64", dict(inputs), None, hp, None))
@@ -312,8 +282,7 @@ def test_optax_adapter_mapping():
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_flat_apply_and_float32(inner):
     params = _params(0)
-    flat = {**{f"params/{p}": v for p, v in params.items()},
-            **{f"grads/{p}": v for p, v in _grads(0, 0).items()}}
+    flat = oh.flat(params, _grads(0, 0))
     hp = {"lr": 0.01, "inner": inner, "momentum": 0.9 if inner == "sgd" else 0.0, "k": 2}
     out, state = OP.apply(flat, None, **hp)
     out, state = OP.apply({**flat, **out}, state, **hp)
@@ -323,8 +292,7 @@ def test_flat_apply_and_float32(inner):
         "slow", "inner_exp_avg", "inner_exp_avg_sq"}
     assert {k.split("/")[0] for k in state} == {"step", "inner_step"} | expected_slots
     full = OP.spec.resolve(hp)
-    p32 = {p: v.astype(np.float32) for p, v in params.items()}
-    g32 = {p: v.astype(np.float32) for p, v in _grads(0, 0).items()}
+    p32, g32 = oh.as_float32(params), oh.as_float32(_grads(0, 0))
     s32 = lookahead.init.__wrapped__(p32, **full)
     for _ in range(2):
         p32, s32 = lookahead.step.__wrapped__(p32, g32, s32, **full)

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import optim_helpers as oh
 import reference
 from reference.optimizers import adam as A
 from reference.optimizers import clipping as C
@@ -37,27 +38,15 @@ OFF = dict(weight_decay=0.0, warmup=False, warmdown=False, agc=False, gradient_c
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
 
-def _tree(rng, scale=1.0):
-    return {k: scale * rng.standard_normal(s) for k, s in SHAPES.items()}
-
-
 def _problem(seed=0, steps=STEPS):
     rng = np.random.default_rng(seed)
-    w0 = _tree(rng)
-    grads = [_tree(rng, 3.0 if i % 3 == 0 else 0.02) for i in range(steps)]
+    w0 = oh.tree(rng, SHAPES)
+    grads = [oh.tree(rng, SHAPES, 3.0 if i % 3 == 0 else 0.02) for i in range(steps)]
     return w0, grads
 
 
-def _max_rel(a, b):
-    return max(float(np.max(np.abs(a[k] - b[k]) / np.maximum(np.abs(b[k]), 1e-300))) for k in b)
-
-
 def _ranger(w0, grads, lrs=LRS, **hp):
-    state = R.init(w0, **hp)
-    w = dict(w0)
-    for lr, g in zip(lrs, grads, strict=True):
-        w, state = R.step(w, g, state, lr=lr, **hp)
-    return w, state
+    return oh.trajectory(R, w0, grads, lrs, **hp)[-1]
 
 
 def _adam(w0, grads, lrs=LRS, transform=None, before=None, after=None, **hp):
@@ -88,14 +77,14 @@ def test_all_components_off_is_adamw():
     w = dict(w0)
     for lr, g in zip(LRS, grads, strict=True):
         w, state = A.step_adamw(w, g, state, lr=lr, weight_decay=0.05)
-    assert _max_rel(got, w) < 1e-14
+    assert oh.rel_elementwise(got, w) < 1e-14
 
 
 def test_agc_alone_is_adam_on_clipped_gradient():
     w0, grads = _problem(1)
     got, _ = _ranger(w0, grads, **{**OFF, "agc": True, "agc_clipping_value": 0.05})
     want = _adam(w0, grads, transform=lambda w, g: C.adaptive_grad_clip(w, g, clipping=0.05, eps=1e-3))
-    assert _max_rel(got, want) < 1e-14
+    assert oh.rel_elementwise(got, want) < 1e-14
 
 
 def _centralize(g, conv_only=False):
@@ -113,21 +102,21 @@ def test_centralization_alone_is_adam_on_centralized_gradient(conv_only):
     w0, grads = _problem(2)
     got, _ = _ranger(w0, grads, **{**OFF, "gradient_centralization": True, "gc_conv_only": conv_only})
     want = _adam(w0, grads, transform=lambda w, g: {k: _centralize(v, conv_only) for k, v in g.items()})
-    assert _max_rel(got, want) < 1e-12
+    assert oh.rel_elementwise(got, want) < 1e-12
 
 
 def test_normalization_alone_is_adam_on_normalized_gradient():
     w0, grads = _problem(3)
     got, _ = _ranger(w0, grads, **{**OFF, "gradient_normalization": True})
     want = _adam(w0, grads, transform=lambda w, g: {k: _normalize(v) for k, v in g.items()})
-    assert _max_rel(got, want) < 1e-12
+    assert oh.rel_elementwise(got, want) < 1e-12
 
 
 def test_amsgrad_alone_is_adam_amsgrad():
     w0, grads = _problem(4)
     got, state = _ranger(w0, grads, **{**OFF, "amsgrad": True})
     want = _adam(w0, grads, amsgrad=True)
-    assert _max_rel(got, want) < 1e-14
+    assert oh.rel_elementwise(got, want) < 1e-14
     assert all(np.all(state["max_variance_ma"][k] >= state["variance_ma"][k]) for k in SHAPES)
 
 
@@ -171,7 +160,7 @@ def test_softplus_alone_is_softplus_of_the_denominator():
         got, _ = _ranger(w0, grads, **{**OFF, "softplus": True, "beta_softplus": 50.0, "softplus_form": form})
         want = _adam_by_hand(w0, grads, denom_fn=lambda d: np.logaddexp(0.0, 50.0 * d) / 50.0)
         # torch's threshold (identity above beta x = 20) moves the result by <= exp(-20)/50 per denominator
-        assert _max_rel(got, want) < (1e-12 if form == "exact" else 1e-8)
+        assert oh.rel_elementwise(got, want) < (1e-12 if form == "exact" else 1e-8)
 
 
 def test_pnm_alone_is_the_two_buffer_definition():
@@ -179,23 +168,23 @@ def test_pnm_alone_is_the_two_buffer_definition():
     for beta0 in (1.0, 0.4):
         got, _ = _ranger(w0, grads, **{**OFF, "pnm": True, "pnm_momentum_factor": beta0})
         want = _adam_by_hand(w0, grads, momentum="pnm", beta0=beta0)
-        assert _max_rel(got, want) < 1e-12
+        assert oh.rel_elementwise(got, want) < 1e-12
 
 
 def test_stable_decay_alone_divides_by_sqrt_mean_vhat():
     w0, grads = _problem(7)
     got, _ = _ranger(w0, grads, **{**OFF, "weight_decay": 0.3})
     want = _adam_by_hand(w0, grads, decay=0.3)
-    assert _max_rel(got, want) < 1e-12
+    assert oh.rel_elementwise(got, want) < 1e-12
     plain = _adam_by_hand(w0, grads)
-    assert _max_rel(want, plain) > 1e-6  # the decay did something
+    assert oh.rel_elementwise(want, plain) > 1e-6  # the decay did something
 
 
 def test_norm_loss_alone_is_the_unit_norm_gradient_step():
     w0, grads = _problem(8)
     got, _ = _ranger(w0, grads, **{**OFF, "norm_loss": True, "norm_loss_factor": 0.05})
     want = _adam_by_hand(w0, grads, norm_loss=0.05)
-    assert _max_rel(got, want) < 1e-12
+    assert oh.rel_elementwise(got, want) < 1e-12
 
 
 def test_lookahead_alone_is_adam_plus_lookahead():
@@ -212,7 +201,7 @@ def test_lookahead_alone_is_adam_plus_lookahead():
             slow["w"] = merged
             return merged
 
-        assert _max_rel(got, _adam(w0, grads, lrs, after=after)) < 1e-14
+        assert oh.rel_elementwise(got, _adam(w0, grads, lrs, after=after)) < 1e-14
 
 
 def test_schedule_alone_is_adam_with_warmup_and_warmdown():
@@ -223,7 +212,7 @@ def test_schedule_alone_is_adam_with_warmup_and_warmdown():
         [base - (base - min_lr) * (t + 1 - 14) / (20 - 14 + 1) for t in range(14, 21)]
     assert expected[-1] == pytest.approx(min_lr, rel=1e-12)
     got, _ = _ranger(w0, grads, [base] * n, **{**OFF, "warmup": True, "warmdown": True, "num_iterations": n})
-    assert _max_rel(got, _adam(w0, grads, expected)) < 1e-14
+    assert oh.rel_elementwise(got, _adam(w0, grads, expected)) < 1e-14
     # an explicit W, and the long-run rule W = ceil(2 / (1 - beta2))
     assert R.ranger21_lr(1.0, 3, beta2=0.999, num_iterations=100, warmup=True, warmup_iterations=6,
                          warmup_pct_default=0.22, warmdown=False, warmdown_start_pct=0.72, warmdown_min_lr=0.0) == 0.5
@@ -243,14 +232,14 @@ def test_bug_a_decay_and_norm_loss_only_on_the_last_parameter():
     plain = _adam(w0, grads)
     for k in SHAPES:
         if k == LAST:
-            assert _max_rel({k: bug[k]}, {k: paper[k]}) < 1e-14
+            assert oh.rel_elementwise({k: bug[k]}, {k: paper[k]}) < 1e-14
         else:
-            assert _max_rel({k: bug[k]}, {k: plain[k]}) < 1e-14
-            assert _max_rel({k: paper[k]}, {k: plain[k]}) > 1e-6
+            assert oh.rel_elementwise({k: bug[k]}, {k: plain[k]}) < 1e-14
+            assert oh.rel_elementwise({k: paper[k]}, {k: plain[k]}) > 1e-6
     # with decay alone the bug is a one-parameter mask
     only_last = {**OFF, "weight_decay": 0.3}
     masked, _ = _ranger(w0, grads, **only_last, weight_decay_mask=lambda path, x: path == LAST)
-    assert _max_rel(_ranger(w0, grads, **only_last, bug_compatible=True)[0], masked) < 1e-15
+    assert oh.rel_elementwise(_ranger(w0, grads, **only_last, bug_compatible=True)[0], masked) < 1e-15
 
 
 def test_bug_b_c_beta2_noise_norm_and_beta0_fixed_to_one():
@@ -271,10 +260,10 @@ def test_bug_d_amsgrad_is_a_noop():
     w0, grads = _problem(13)
     with_max, state = _ranger(w0, grads, **{**OFF, "amsgrad": True}, bug_compatible=True)
     without, _ = _ranger(w0, grads, **OFF, bug_compatible=True)
-    assert _max_rel(with_max, without) == 0.0
+    assert oh.rel_elementwise(with_max, without) == 0.0
     assert all(not np.any(state["max_variance_ma"][k]) for k in SHAPES)
     real, _ = _ranger(w0, grads, **{**OFF, "amsgrad": True})
-    assert _max_rel(real, without) > 1e-6
+    assert oh.rel_elementwise(real, without) > 1e-6
 
 
 def test_bug_e_preprocessing_twice():
@@ -283,9 +272,9 @@ def test_bug_e_preprocessing_twice():
     bug, _ = _ranger(w0, grads, **hp, bug_compatible=True)
     twice, _ = _ranger(w0, grads, **hp, preprocess_twice=True)
     once, _ = _ranger(w0, grads, **hp)
-    assert _max_rel(bug, twice) == 0.0
+    assert oh.rel_elementwise(bug, twice) == 0.0
     # the second normalization divides by std(g') + 1e-8 = (s + 2e-8) / (s + 1e-8): a small but real change
-    assert 0.0 < _max_rel(twice, once) < 1e-3
+    assert 0.0 < oh.rel_elementwise(twice, once) < 1e-3
 
 
 # ------------------------------------------------------------------------------------------
@@ -347,18 +336,13 @@ LR_RUN = [1e-2] * 7 + [5e-3] * 6 + [1e-2] * 7
 
 
 def _torch_trajectory(make_opt, seed):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     w0, grads = _problem(seed, steps=N_RUN)
-    ps = [torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for v in w0.values()]
-    opt = make_opt(ps)
-    for lr, g in zip(LR_RUN, grads, strict=True):
-        for p, k in zip(ps, SHAPES, strict=True):
-            p.grad = torch.tensor(g[k], dtype=torch.float64)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with contextlib.redirect_stdout(io.StringIO()):
-            opt.step()
-    return w0, grads, {k: p.detach().numpy() for p, k in zip(ps, SHAPES, strict=True)}
+    tensors = oh.torch_tensors(w0)
+    opt = make_opt(list(tensors.values()))
+    with contextlib.redirect_stdout(io.StringIO()):
+        steps = oh.torch_steps(opt, tensors, grads, LR_RUN)
+    return w0, grads, steps[-1][0]
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -368,10 +352,10 @@ def test_pytorch_optimizer_ranger21(foreach):
     w0, grads, got = _torch_trajectory(
         lambda ps: po.Ranger21(ps, lr=LR_RUN[0], foreach=foreach, **hp), seed=20)
     want, _ = _ranger(w0, grads, LR_RUN, **hp, **PO_DIALECT)
-    assert _max_rel(got, want) < 1e-12
+    assert oh.rel_elementwise(got, want) < 1e-12
     # the paper semantics is measurably different (variance sum, 3-D units, beta0, ...)
     paper, _ = _ranger(w0, grads, LR_RUN, **hp, pnm_momentum_factor=0.9)
-    assert _max_rel(paper, want) > 1e-6
+    assert oh.rel_elementwise(paper, want) > 1e-6
 
 
 def _import_official(monkeypatch):
@@ -407,7 +391,7 @@ def test_official_ranger21_is_bug_compatible(monkeypatch):
     w0, grads, got = _torch_trajectory(make, seed=21)
     want, _ = _ranger(w0, grads, LR_RUN, num_iterations=N_RUN, bug_compatible=True,
                       unit_layout="out_first_3d_dim1", softplus_form="torch", **hp)
-    assert _max_rel(got, want) < 1e-12
+    assert oh.rel_elementwise(got, want) < 1e-12
 
 
 # ------------------------------------------------------------------------------------------
@@ -422,12 +406,11 @@ def test_harness_form_round_trips_the_flat_state():
     state = None
     w = dict(w0)
     for g in grads:
-        flat = {f"params/{k}": v for k, v in w.items()} | {f"grads/{k}": v for k, v in g.items()}
-        out, state = op.apply(flat, state, lr=1e-2, **hp)
+        out, state = op.apply(oh.flat(w, g), state, lr=1e-2, **hp)
         w = {k: out[f"params/{k}"] for k in SHAPES}
     assert float(state["step"]) == 6.0 and "lookahead_params/tiny" in state
     want, _ = _ranger(w0, grads, [1e-2] * 6, **hp)
-    assert _max_rel(w, want) == 0.0
+    assert oh.rel_elementwise(w, want) == 0.0
 
 
 def test_raw_function_keeps_float32():

@@ -7,36 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import optim_helpers as oh
 import reference
 from reference.optimizers import rmsprop
 
-SHAPES = {"conv/weight": (4, 3, 3, 3), "conv/bias": (4,), "bn/weight": (4,), "fc/weight": (5, 6)}
+SHAPES = oh.SHAPES_NO_BN_BIAS
 MASK = {p: len(s) >= 2 for p, s in SHAPES.items()}  # "ndim>=2"
-
-
-def _tree(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {p: rng.standard_normal(s) for p, s in SHAPES.items()}
-
-
-def _grads(seed: int, steps: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    scales = {p: 10.0 ** rng.uniform(-1, 1) for p in SHAPES}
-    return [{p: scales[p] * rng.standard_normal(s) for p, s in SHAPES.items()} for _ in range(steps)]
-
-
-def _run(params, grads_seq, lrs=None, **hp):
-    state = rmsprop.init(params, **hp)
-    trace = []
-    for k, g in enumerate(grads_seq):
-        step_hp = dict(hp, lr=lrs[k]) if lrs is not None else hp
-        params, state = rmsprop.step(params, g, state, **step_hp)
-        trace.append((params, state))
-    return trace
-
-
-def _rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    """max over tensors of ||a - b||_inf / ||b||_inf."""
-    return max(float(np.max(np.abs(a[p] - b[p])) / max(np.max(np.abs(b[p])), 1e-300)) for p in b)
 
 
 # ------------------------------------------------------------------------------------------
@@ -52,8 +28,9 @@ alphas = st.floats(0.0, 0.999)
 def test_square_avg_is_closed_form_ema(seed, alpha, s0, centered):
     """s_T = alpha^T s_0 + (1 - alpha) sum_i alpha^(T-i) g_i^2 (and gbar likewise from 0)."""
     rng = np.random.default_rng(seed)
-    seq = _grads(seed, 6)
-    state = _run(_tree(rng), seq, alpha=alpha, initial_accumulator_value=s0, centered=centered)[-1][1]
+    seq = oh.gradients(seed, 6, SHAPES)
+    state = oh.trajectory(rmsprop, oh.tree(rng, SHAPES), seq, alpha=alpha, initial_accumulator_value=s0,
+                          centered=centered)[-1][1]
     T = len(seq)
     for p in SHAPES:
         s = alpha**T * s0 + (1 - alpha) * sum(alpha ** (T - i) * seq[i - 1][p] ** 2
@@ -71,9 +48,9 @@ def test_square_avg_is_closed_form_ema(seed, alpha, s0, centered):
 def test_alpha0_is_sign_like(seed, lr):
     """alpha = 0, eps = 0: s = g^2, so every step is w - lr sign(g)."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    seq = _grads(seed, 3)
-    trace = _run(params, seq, lr=lr, alpha=0.0, eps=0.0)
+    params = oh.tree(rng, SHAPES)
+    seq = oh.gradients(seed, 3, SHAPES)
+    trace = oh.trajectory(rmsprop, params, seq, lr=lr, alpha=0.0, eps=0.0)
     w = params
     for (w_new, _), g in zip(trace, seq, strict=True):
         for p in SHAPES:
@@ -86,9 +63,10 @@ def test_alpha0_is_sign_like(seed, lr):
 def test_centered_variance_nonnegative(seed, alpha, s0, bias):
     """s_t - gbar_t^2 >= 0 (Cauchy-Schwarz over the EMA weights), bias-corrected or not."""
     rng = np.random.default_rng(seed)
-    seq = _grads(seed, 5)
-    for t, (w, state) in enumerate(_run(_tree(rng), seq, alpha=alpha, initial_accumulator_value=s0,
-                                        centered=True, bias_correction=bias), start=1):
+    seq = oh.gradients(seed, 5, SHAPES)
+    for t, (w, state) in enumerate(oh.trajectory(rmsprop, oh.tree(rng, SHAPES), seq, alpha=alpha,
+                                                 initial_accumulator_value=s0, centered=True,
+                                                 bias_correction=bias), start=1):
         bc = 1 - alpha**t if bias else 1.0
         for p in SHAPES:
             s, m = state["square_avg"][p] / bc, state["grad_avg"][p] / bc
@@ -100,13 +78,13 @@ def test_centered_variance_nonnegative(seed, alpha, s0, bias):
 @given(seed=seeds, centered=st.booleans(), momentum=st.sampled_from([0.0, 0.9]))
 def test_eps_inside_equals_outside_at_eps0(seed, centered, momentum):
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    seq = _grads(seed, 4)
+    params = oh.tree(rng, SHAPES)
+    seq = oh.gradients(seed, 4, SHAPES)
     hp = dict(eps=0.0, alpha=0.9, centered=centered, momentum=momentum)
-    a = _run(params, seq, eps_placement="outside", **hp)
-    b = _run(params, seq, eps_placement="inside", **hp)
+    a = oh.trajectory(rmsprop, params, seq, eps_placement="outside", **hp)
+    b = oh.trajectory(rmsprop, params, seq, eps_placement="inside", **hp)
     for (w_a, _), (w_b, _) in zip(a, b, strict=True):
-        assert _rel(w_b, w_a) == 0.0
+        assert oh.rel(w_b, w_a) == 0.0
 
 
 @settings(max_examples=20)
@@ -114,27 +92,27 @@ def test_eps_inside_equals_outside_at_eps0(seed, centered, momentum):
 def test_lr_inside_equals_outside_constant_lr(seed, lr, nesterov, centered):
     """Constant lr: the same trajectory, with buffers b_inside = lr b_outside."""
     rng = np.random.default_rng(seed)
-    params = _tree(rng)
-    seq = _grads(seed, 6)
+    params = oh.tree(rng, SHAPES)
+    seq = oh.gradients(seed, 6, SHAPES)
     hp = dict(lr=lr, momentum=0.9, nesterov=nesterov, centered=centered, weight_decay=0.01,
               weight_decay_mask="ndim>=2")
-    out = _run(params, seq, lr_placement="outside", **hp)
-    ins = _run(params, seq, lr_placement="inside", **hp)
+    out = oh.trajectory(rmsprop, params, seq, lr_placement="outside", **hp)
+    ins = oh.trajectory(rmsprop, params, seq, lr_placement="inside", **hp)
     for (w_o, s_o), (w_i, s_i) in zip(out, ins, strict=True):
-        assert _rel(w_i, w_o) < 1e-13
+        assert oh.rel(w_i, w_o) < 1e-13
         scaled = {p: lr * b for p, b in s_o["momentum_buffer"].items()}
-        assert _rel(s_i["momentum_buffer"], scaled) < 1e-13
+        assert oh.rel(s_i["momentum_buffer"], scaled) < 1e-13
 
 
 def test_lr_inside_differs_after_change():
     rng = np.random.default_rng(5)
-    params = _tree(rng)
-    seq = _grads(5, 4)
+    params = oh.tree(rng, SHAPES)
+    seq = oh.gradients(5, 4, SHAPES)
     lrs = [0.1, 0.1, 0.01, 0.01]
-    out = _run(params, seq, lrs=lrs, momentum=0.9, lr_placement="outside")
-    ins = _run(params, seq, lrs=lrs, momentum=0.9, lr_placement="inside")
-    assert _rel(ins[1][0], out[1][0]) < 1e-13
-    assert _rel(ins[2][0], out[2][0]) > 1e-3  # the inside buffer still carries 0.1
+    out = oh.trajectory(rmsprop, params, seq, lrs=lrs, momentum=0.9, lr_placement="outside")
+    ins = oh.trajectory(rmsprop, params, seq, lrs=lrs, momentum=0.9, lr_placement="inside")
+    assert oh.rel(ins[1][0], out[1][0]) < 1e-13
+    assert oh.rel(ins[2][0], out[2][0]) > 1e-3  # the inside buffer still carries 0.1
 
 
 def test_momentum0_has_no_buffer_and_nesterov_needs_momentum():
@@ -148,8 +126,8 @@ def test_momentum0_has_no_buffer_and_nesterov_needs_momentum():
 
 def test_raw_function_keeps_float32():
     rng = np.random.default_rng(0)
-    params = {p: v.astype(np.float32) for p, v in _tree(rng).items()}
-    grads = {p: v.astype(np.float32) for p, v in _tree(rng).items()}
+    params = oh.as_float32(oh.tree(rng, SHAPES))
+    grads = oh.as_float32(oh.tree(rng, SHAPES))
     hp = reference.get("rmsprop").spec.resolve({"centered": True, "momentum": 0.9,
                                                  "bias_correction": True})
     state = rmsprop.init.__wrapped__(params, **hp)
@@ -171,30 +149,20 @@ LRS = [1e-2] * 6 + [3e-3] * 6  # a mid-run lr change
                                                (True, 0.8)])
 def test_torch_trajectory(centered, momentum):
     torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(1)
-    params = _tree(rng)
-    seq = _grads(1, STEPS)
+    params = oh.tree(np.random.default_rng(1), SHAPES)
+    seq = oh.gradients(1, STEPS, SHAPES)
     hp = dict(reference.get("rmsprop").dialect("torch"), alpha=0.95, eps=1e-6, centered=centered,
               momentum=momentum, weight_decay=0.02, weight_decay_mask="ndim>=2")
     hp.pop("lr")
-    tensors = {p: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for p, v in params.items()}
-    opt = torch.optim.RMSprop(
-        [{"params": [tensors[p] for p in SHAPES if MASK[p]], "weight_decay": 0.02},
-         {"params": [tensors[p] for p in SHAPES if not MASK[p]], "weight_decay": 0.0}],
-        lr=LRS[0], alpha=0.95, eps=1e-6, centered=centered, momentum=momentum, foreach=False)
-    trace = _run(params, seq, lrs=LRS, **hp)
-    for k, g in enumerate(seq):
-        for group in opt.param_groups:
-            group["lr"] = LRS[k]
-        for p, t in tensors.items():
-            t.grad = torch.tensor(g[p], dtype=torch.float64)
-        opt.step()
-        w_ref, s_ref = trace[k]
-        assert _rel({p: t.detach().numpy() for p, t in tensors.items()}, w_ref) < 1e-12
-        for slot in s_ref:
-            if slot != "step":
-                got = {p: opt.state[t][slot].numpy() for p, t in tensors.items()}
-                assert _rel(got, s_ref[slot]) < 1e-12, slot
+    tensors = oh.torch_tensors(params)
+    opt = torch.optim.RMSprop(oh.decay_groups(tensors, 0.02), lr=LRS[0], alpha=0.95, eps=1e-6,
+                              centered=centered, momentum=momentum, foreach=False)
+    trace = oh.trajectory(rmsprop, params, seq, lrs=LRS, **hp)
+    slots = tuple(slot for slot in trace[0][1] if slot != "step")
+    for (w, state), (w_ref, s_ref) in zip(oh.torch_steps(opt, tensors, seq, LRS, slots), trace, strict=True):
+        assert oh.rel(w, w_ref) < 1e-12
+        for slot in slots:
+            assert oh.rel(state[slot], s_ref[slot]) < 1e-12, slot
 
 
 OPTAX_VARIANTS = [
@@ -217,38 +185,25 @@ OPTAX_VARIANTS = [
 
 @pytest.mark.parametrize("kwargs,overrides", OPTAX_VARIANTS)
 def test_optax_trajectory(kwargs, overrides):
-    pytest.importorskip("jax")
-    optax = pytest.importorskip("optax")
-    import jax
-    import jax.numpy as jnp
-
-    jax.config.update("jax_enable_x64", True)
-    rng = np.random.default_rng(2)
-    params = _tree(rng)
-    seq = _grads(2, STEPS)
-    schedule = lambda count: jnp.where(count < 6, LRS[0], LRS[-1])  # noqa: E731
+    _, optax = oh.optax_x64()
+    params = oh.tree(np.random.default_rng(2), SHAPES)
+    seq = oh.gradients(2, STEPS, SHAPES)
     tx = optax.chain(optax.add_decayed_weights(0.02, mask=MASK),
-                     optax.rmsprop(schedule, **{"decay": 0.9, "eps": 1e-6, **kwargs}))
+                     optax.rmsprop(oh.optax_schedule(LRS), **{"decay": 0.9, "eps": 1e-6, **kwargs}))
     hp = {**reference.get("rmsprop").dialect("optax"), "eps": 1e-6, "weight_decay": 0.02,
           "weight_decay_mask": "ndim>=2", **overrides}
     hp.pop("lr")
-    trace = _run(params, seq, lrs=LRS, **hp)
-    jp = {p: jnp.asarray(v) for p, v in params.items()}
-    state = tx.init(jp)
-    update = jax.jit(tx.update)
-    for k, g in enumerate(seq):
-        updates, state = update({p: jnp.asarray(v) for p, v in g.items()}, state, jp)
-        jp = optax.apply_updates(jp, updates)
-        w_ref, s_ref = trace[k]
-        assert _rel({p: np.asarray(v) for p, v in jp.items()}, w_ref) < 1e-12
+    trace = oh.trajectory(rmsprop, params, seq, lrs=LRS, **hp)
+    for (w, state), (w_ref, s_ref) in zip(oh.optax_steps(tx, params, seq, jit=True), trace, strict=True):
+        assert oh.rel(w, w_ref) < 1e-12
         rms_state = state[1][0]
-        assert _rel({p: np.asarray(v) for p, v in rms_state.nu.items()}, s_ref["square_avg"]) < 1e-12
+        assert oh.rel(rms_state.nu, s_ref["square_avg"]) < 1e-12
         if hp["centered"]:
-            assert _rel({p: np.asarray(v) for p, v in rms_state.mu.items()}, s_ref["grad_avg"]) < 1e-12
+            assert oh.rel(rms_state.mu, s_ref["grad_avg"]) < 1e-12
         if hp["momentum"]:
             trace_state = state[1][2].trace  # after scale_by_learning_rate: holds -b
-            assert _rel({p: -np.asarray(v) for p, v in trace_state.items()},
-                        s_ref["momentum_buffer"]) < 1e-12
+            assert oh.rel({p: -np.asarray(v) for p, v in trace_state.items()},
+                          s_ref["momentum_buffer"]) < 1e-12
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,33 +212,20 @@ def test_optax_trajectory(kwargs, overrides):
 
 
 def test_bad_hparams_name_the_argument():
-    params = {"w": np.ones((2, 2))}
-    with pytest.raises(ValueError, match="alpha"):
-        rmsprop.init(params, alpha=1.0)
-    with pytest.raises(ValueError, match="eps_placement"):
-        rmsprop.init(params, eps_placement="both")
-    with pytest.raises(ValueError, match="lr_placement"):
-        rmsprop.init(params, lr_placement="middle")
-    with pytest.raises(ValueError, match="momentum"):
-        rmsprop.init(params, momentum=-0.1)
-    with pytest.raises(TypeError, match="centered"):
-        rmsprop.init(params, centered="yes")
-    with pytest.raises(TypeError, match="decay"):
-        rmsprop.init(params, decay=0.9)
+    oh.assert_init_rejects(rmsprop, {
+        ValueError: {"alpha": 1.0, "eps_placement": "both", "lr_placement": "middle",
+                     "momentum": -0.1},
+        TypeError: {"centered": "yes", "decay": 0.9},
+    })
 
 
 def test_harness_form():
     op = reference.get("rmsprop")
-    rng = np.random.default_rng(3)
-    inputs = {"params/fc/weight": rng.standard_normal((3, 4)), "params/fc/bias": rng.standard_normal(3),
-              "grads/fc/weight": rng.standard_normal((3, 4)), "grads/fc/bias": rng.standard_normal(3)}
     hp = op.spec.resolve({"momentum": 0.9, "centered": True}, dialect="tf1")
-    out, state = op.apply(inputs, None, **hp)
+    inputs, state = oh.check_harness_form(op, None, **hp)
     assert set(state) == {"step", *(f"{s}/fc/{p}" for s in ("square_avg", "grad_avg",
                                                              "momentum_buffer")
                                     for p in ("weight", "bias"))}
     # s_0 = 1 (TF1): one step from init
     g = inputs["grads/fc/bias"]
     np.testing.assert_allclose(state["square_avg/fc/bias"], 0.9 + 0.1 * g * g, rtol=1e-15)
-    _, state2 = op.apply(inputs, state, **hp)
-    assert float(state2["step"]) == 2.0
