@@ -62,14 +62,15 @@ __all__ = ["GRADIENT_FAMILIES", "SCHEDULES", "GradientSource", "OracleStep", "it
 
 #: Adversarial families of the fixed gradient source (see the module docstring).
 GRADIENT_FAMILIES = ("tiny", "huge", "zero_tensor", "sparse", "mixed_scales")
-SCHEDULES = ("constant", "drop", "warmup")
+SCHEDULES = ("constant", "drop", "warmup", "cosine", "one_cycle")
 ROSENBROCK_A = 10.0
 
 
 def schedule_multipliers(name: str, steps: int) -> list[float]:
     """lr_k / lr_0 for k = 0..steps-1: ``constant``; ``drop`` (x0.1 from the middle step on:
     a change mid-run); ``warmup`` (linear from 1/W to 1 over W = max(1, steps // 4) steps, as
-    Goyal et al.'s gradual warmup, then constant)."""
+    Goyal et al.'s gradual warmup, then constant); ``cosine`` and ``one_cycle`` (the oracle's
+    schedule ops over the run: a new rate at every step)."""
     if name == "constant":
         return [1.0] * steps
     if name == "drop":
@@ -77,6 +78,15 @@ def schedule_multipliers(name: str, steps: int) -> list[float]:
     if name == "warmup":
         w = max(1, steps // 4)
         return [min(1.0, (k + 1) / w) for k in range(steps)]
+    if name in ("cosine", "one_cycle"):
+        # The oracle's own schedule ops over the run (checked against torch's and optax's
+        # schedulers as ops of their own): cosine annealing to 0, torch's one-cycle defaults.
+        from reference.optimizers import schedules
+
+        t = np.arange(steps, dtype=np.float64)
+        lr = (schedules.cosine(t, base_lr=1.0, total_steps=steps) if name == "cosine"
+              else schedules.one_cycle(t, max_lr=1.0, total_steps=steps))
+        return [float(v) for v in np.asarray(lr)]
     raise ValueError(f"unknown schedule {name!r}; known: {SCHEDULES}")
 
 

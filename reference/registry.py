@@ -37,7 +37,8 @@ Optimizer specs (``kind = "optimizer"``, family ``optimizers``) differ in four k
 (``name``, ``per`` = ``"param"`` | ``"global"``, ``shape``, ``doc``) replace ``[[state]]``; there are
 no ``[[inputs]]``/``[[outputs]]`` (they are always ``params`` and ``grads`` -> ``params``); and a
 case gives ``params`` (path -> shape), ``gradients`` (``fixed`` | ``quadratic`` | ``rosenbrock``),
-optional ``steps``, ``schedule`` and ``tags`` instead of ``shapes``.  The functions are pure
+optional ``steps``, ``schedule`` (``constant`` | ``drop`` | ``warmup`` | ``cosine`` | ``one_cycle``:
+conformance/trajectory.py) and ``tags`` instead of ``shapes``.  The functions are pure
 functions over flat dict pytrees (see ``reference/optimizers/__init__.py``).  For the harness an
 optimizer op is also an ordinary op over *flat* arrays: inputs ``params/<path>`` and
 ``grads/<path>``, state ``<slot>/<path>`` (per-param slots) or ``<slot>`` (global ones), output
