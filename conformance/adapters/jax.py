@@ -61,6 +61,11 @@ Known Flax/JAX numerics this adapter reports (not adapter faults):
   |v| >= 256 overflows (w = 0, zero or NaN gradients).
 * ``lax.rsqrt``'s derivative is ``-0.5 * rsqrt(x) / x``: it underflows to 0 for x ~ 1e300 (the
   gradient through the variance vanishes) and overflows for x ~ 1e-300 (inf gradients).
+
+Optimizers, clipping and schedules (optax): the mapping files ``_optax_*.py`` next to this module
+(sgd/adam/adamw/amsgrad, adagrad/rmsprop, lars/lamb, lion/adafactor/novograd, lookahead,
+clip_by_global_norm/clip_by_block_rms/adaptive_grad_clip, the schedules), each with its own
+docstring, are merged into ``ops()`` and dispatched by ``evaluate`` (under the adapter's lock).
 """
 
 from __future__ import annotations

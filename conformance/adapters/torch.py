@@ -45,6 +45,11 @@ Deviations from the oracle's bookkeeping, documented rather than hidden:
   buffers the forward used (the clones it divides by), so its gradient is torch's as well.
 * ``weight_norm`` without ``g``: torch always has a magnitude; the adapter passes ``g = 1``.
 
+Optimizers, clipping and schedules: the mapping files ``_torch_*.py`` next to this module
+(``_torch_optim.py``: SGD, Adam, AdamW; ``_torch_adaptive.py``: Adagrad, RMSprop;
+``_torch_clipping.py``: ``clip_grad_norm_``; ``_torch_schedules.py``: the ``lr_scheduler``s), each
+with its own docstring, are merged into ``ops()`` and dispatched by ``evaluate``.
+
 Device: CPU by default; ``NORMREF_TORCH_DEVICE=cuda`` (or ``make_adapter(device="cuda")``) runs
 on the GPU when ``torch.cuda.is_available()``.  Dtypes: float64, float32, float16 and bfloat16
 (bfloat16 arrives as ``ml_dtypes.bfloat16`` NumPy arrays and returns as float32 arrays holding
