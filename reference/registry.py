@@ -839,6 +839,17 @@ def get(name: str) -> Op:
 # --------------------------------------------------------------------------------------------
 
 
+def _bind(op_name: str, sig: inspect.Signature, kw_only: list[str], args: tuple[Any, ...],
+          kwargs: dict[str, Any]) -> tuple[inspect.BoundArguments, dict[str, Any]]:
+    """The call's arguments, and its keyword hyper-parameters validated by the op's spec."""
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{op_name}: {exc}") from None
+    spec = _all_specs()[op_name]
+    return bound, spec.resolve({k: bound.arguments[k] for k in kw_only if k in bound.arguments})
+
+
 def _wrap(op_name: str, kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn)
@@ -846,12 +857,7 @@ def _wrap(op_name: str, kind: str) -> Callable[[Callable[..., Any]], Callable[..
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                bound = sig.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise TypeError(f"{op_name}: {exc}") from None
-            spec = _all_specs()[op_name]
-            hp = spec.resolve({k: bound.arguments[k] for k in kw_only if k in bound.arguments})
+            bound, hp = _bind(op_name, sig, kw_only, args, kwargs)
             arrays = {}
             for key, value in bound.arguments.items():
                 if key in hp:
@@ -889,12 +895,8 @@ def oracle_optimizer(op_name: str) -> Callable[[Callable[..., Any]], Callable[..
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             from reference.optimizers._tree import flatten, unflatten
 
-            try:
-                bound = sig.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise TypeError(f"{op_name}: {exc}") from None
+            bound, hp = _bind(op_name, sig, kw_only, args, kwargs)
             spec = _all_specs()[op_name]
-            hp = spec.resolve({k: bound.arguments[k] for k in kw_only if k in bound.arguments})
             given = bound.arguments["params"]
             if not isinstance(given, Mapping) or not given:
                 raise TypeError(f"{op_name}: params must be a non-empty dict of arrays, "

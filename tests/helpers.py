@@ -134,3 +134,35 @@ def torch_vjp(outputs, inputs: dict, cotangent: np.ndarray) -> dict[str, np.ndar
     names = [k for k, v in inputs.items() if v is not None and v.requires_grad]
     grads = torch.autograd.grad(outputs, [inputs[k] for k in names], t64(cotangent))
     return {k: g.detach().numpy() for k, g in zip(names, grads, strict=True)}
+
+
+# -- mutant catalogues (tests/test_mutants.py, tests/test_optimizer_mutants.py) -------------------
+
+MUTANT_SEED = 0
+MUTANT_PROFILE = "default"
+
+
+def run_mutant(adapter: Any) -> tuple[list, list]:
+    """Plan and run an adapter's one op exactly as ``normref check`` would (default profile, seed 0)."""
+    from conformance import runner
+
+    planned = runner.plan(adapter, ops=f"^{adapter.op}$", dtypes=list(adapter.dtypes), seed=MUTANT_SEED,
+                          profile=MUTANT_PROFILE)
+    return planned, runner.run(adapter, planned, profile=MUTANT_PROFILE)
+
+
+def verdict_table(results: list) -> str:
+    return "\n".join(f"  {r.case:44s} {r.dtype:8s} {r.verdict:10s} {r.diagnosis or r.message[:110]}"
+                     for r in results)
+
+
+def expected_change(mutant: Any) -> dict[str, Any]:
+    """``{"knob": value}`` from the catalogue's ``"knob=value"``, typed as the op's dialect knob."""
+    from conformance import runner
+
+    knob, text = mutant.expect[1].split("=", 1)
+    candidates = runner.dialect_knobs(mutant.op).get(knob, [])
+    values = [v for v in candidates if str(v) == text]
+    assert values, f"{knob}={text} is not a dialect knob value of {mutant.op}: {candidates}"
+    return {knob: values[0]}
+

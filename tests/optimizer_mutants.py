@@ -91,8 +91,10 @@ class OptimizerControl(OptimizerMutant):
 
 
 def _adam_like(params: Tree, grads: Tree, state: Tree, hp: dict[str, Any], direction: Any,
-               *, decay_after: bool = False, t_override: int | None = None) -> tuple[Tree, Tree]:
-    """Adam's bookkeeping with a replaceable ``direction(m, v, t, hp) -> d`` (for the mutants)."""
+               *, decay_after: bool = False, t_override: int | None = None,
+               square: Any = np.square) -> tuple[Tree, Tree]:
+    """Adam's bookkeeping with a replaceable ``direction(m, v, t, hp) -> d`` and second-moment
+    input ``square(g)`` (for the mutants)."""
     t_array, t = next_step(state, params)
     t = t_override or t
     if not decay_after:
@@ -104,7 +106,7 @@ def _adam_like(params: Tree, grads: Tree, state: Tree, hp: dict[str, Any], direc
     out = {}
     for p, w in params.items():
         m = ema(state["exp_avg"][p], grads[p], hp["beta1"])
-        v = ema(state["exp_avg_sq"][p], grads[p] * grads[p], hp["beta2"])
+        v = ema(state["exp_avg_sq"][p], square(grads[p]), hp["beta2"])
         new["exp_avg"][p], new["exp_avg_sq"][p] = m, v
         if hp["amsgrad"]:  # torch's raw maximum, the mistake under test applied to it
             v = new["max_exp_avg_sq"][p] = np.maximum(state["max_exp_avg_sq"][p], v)
@@ -158,21 +160,7 @@ class AdamSecondMomentOfAbs(OptimizerMutant):
     op, dialect = "adam", TORCH_ADAM
 
     def step(self, params, grads, state, hp):
-        t_array, t = next_step(state, params)
-        params, grads = apply_weight_decay(params, grads, lr=hp["lr"], weight_decay=hp["weight_decay"],
-                                           mode=hp["weight_decay_mode"], mask=hp["weight_decay_mask"])
-        new: Tree = {"step": t_array, "exp_avg": {}, "exp_avg_sq": {}}
-        out = {}
-        if hp["amsgrad"]:
-            new["max_exp_avg_sq"] = {}
-        for p, w in params.items():
-            m = ema(state["exp_avg"][p], grads[p], hp["beta1"])
-            v = ema(state["exp_avg_sq"][p], np.abs(grads[p]), hp["beta2"])
-            new["exp_avg"][p], new["exp_avg_sq"][p] = m, v
-            if hp["amsgrad"]:
-                v = new["max_exp_avg_sq"][p] = np.maximum(state["max_exp_avg_sq"][p], v)
-            out[p] = w - hp["lr"] * _corrected(m, v, t, hp)
-        return out, new
+        return _adam_like(params, grads, state, hp, _corrected, square=np.abs)
 
 
 class AdamKerasEpsHat(OptimizerMutant):

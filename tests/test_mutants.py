@@ -17,31 +17,11 @@ import pytest
 
 import reference
 from conformance import runner
+from helpers import MUTANT_PROFILE, expected_change, run_mutant, verdict_table
 from mutants import CATALOGUE, Control, Mutant
 
-SEED = 0
-PROFILE = "default"
+PROFILE = MUTANT_PROFILE
 FLAGGED = ("FAIL", "ERROR")
-
-
-def _run(adapter: Mutant) -> tuple[list[runner.PlannedCase], list[runner.CaseResult]]:
-    planned = runner.plan(adapter, ops=f"^{adapter.op}$", dtypes=list(adapter.dtypes), seed=SEED,
-                          profile=PROFILE)
-    return planned, runner.run(adapter, planned, profile=PROFILE)
-
-
-def _table(results: list[runner.CaseResult]) -> str:
-    return "\n".join(f"  {r.case:44s} {r.dtype:8s} {r.verdict:10s} {r.diagnosis or r.message[:110]}"
-                     for r in results)
-
-
-def _expected_change(mutant: Mutant) -> dict[str, Any]:
-    """``{"knob": value}`` from the catalogue's ``"knob=value"``, typed as the op's dialect knob."""
-    knob, text = mutant.expect[1].split("=", 1)
-    candidates = runner.dialect_knobs(mutant.op).get(knob, [])
-    values = [v for v in candidates if str(v) == text]
-    assert values, f"{knob}={text} is not a dialect knob value of {mutant.op}: {candidates}"
-    return {knob: values[0]}
 
 
 class _Mirror(Mutant):
@@ -86,30 +66,30 @@ def test_the_catalogue_is_complete_and_well_formed():
         assert mutant.expect[0] in ("FAIL", "CONVENTION"), cls.__name__
         assert set(mutant.dialect) <= set(reference.get(mutant.op).spec.hparams), cls.__name__
         if mutant.expect[0] == "CONVENTION":
-            knob = next(iter(_expected_change(mutant)))
+            knob = next(iter(expected_change(mutant)))
             assert knob in mutant.dialect, f"{cls.__name__} must declare the {knob} it gets wrong"
 
 
 @pytest.mark.parametrize("cls", [_param(cls) for cls in CATALOGUE])
 def test_every_mutant_is_flagged(cls: type[Mutant]):
     mutant = cls()
-    planned, results = _run(mutant)
-    table = _table(results)
+    planned, results = run_mutant(mutant)
+    table = verdict_table(results)
     if mutant.expect == ("FAIL",):
         assert any(r.verdict in FLAGGED for r in results), f"{cls.__name__} was not flagged:\n{table}"
         return
 
-    change = _expected_change(mutant)
+    change = expected_change(mutant)
     expected = mutant.expect[1]
     named = [r for r in results if r.verdict == "CONVENTION"]
     assert any(r.diagnosis.replace("'", "") == expected for r in named), (
         f"{cls.__name__}: no CONVENTION {expected}:\n{table}")
     wrong = [r for r in named if r.diagnosis.replace("'", "") != expected]
-    assert not wrong, f"{cls.__name__}: CONVENTION with another diagnosis:\n{_table(wrong)}"
+    assert not wrong, f"{cls.__name__}: CONVENTION with another diagnosis:\n{verdict_table(wrong)}"
     unexplained = [r for r in results if r.dtype == "float64" and r.verdict in FLAGGED]
     assert not unexplained, (
         f"{cls.__name__}: float64 cases the diagnosis {expected} does not explain:\n"
-        f"{_table(unexplained)}")
+        f"{verdict_table(unexplained)}")
 
     mirror = _Mirror(mutant, change)
     silent = []
@@ -120,7 +100,7 @@ def test_every_mutant_is_flagged(cls: type[Mutant]):
                 silent.append(result)
     assert not silent, (
         f"{cls.__name__}: PASSes although the two conventions differ observably there:\n"
-        f"{_table(silent)}")
+        f"{verdict_table(silent)}")
 
 
 def _controls() -> list[Any]:
@@ -135,8 +115,8 @@ def _controls() -> list[Any]:
 @pytest.mark.parametrize("control", _controls())
 def test_the_unmutated_control_is_not_flagged(control: Control):
     """The same plumbing without a mistake, under every (op, dialect, dtypes) the mutants claim."""
-    _, results = _run(control)
+    _, results = run_mutant(control)
     flagged = [r for r in results if r.verdict in FLAGGED + ("CONVENTION",)]
-    assert not flagged, f"the control is flagged:\n{_table(flagged)}"
+    assert not flagged, f"the control is flagged:\n{verdict_table(flagged)}"
     for dtype in control.dtypes:
         assert any(r.verdict == "PASS" and r.dtype == dtype for r in results), dtype

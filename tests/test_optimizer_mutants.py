@@ -12,29 +12,11 @@ import pytest
 
 import reference
 from conformance import runner
+from helpers import MUTANT_PROFILE, expected_change, run_mutant, verdict_table
 from optimizer_mutants import CATALOGUE, OptimizerControl, OptimizerMutant
 
-SEED = 0
-PROFILE = "default"
+PROFILE = MUTANT_PROFILE
 FLAGGED = ("FAIL", "ERROR")
-
-
-def _run(adapter: OptimizerMutant) -> tuple[list[runner.PlannedCase], list[runner.CaseResult]]:
-    planned = runner.plan(adapter, ops=f"^{adapter.op}$", dtypes=list(adapter.dtypes), seed=SEED,
-                          profile=PROFILE)
-    return planned, runner.run(adapter, planned, profile=PROFILE)
-
-
-def _table(results: list[runner.CaseResult]) -> str:
-    return "\n".join(f"  {r.case:36s} {r.dtype:8s} {r.verdict:10s} {r.diagnosis or r.message[:110]}"
-                     for r in results)
-
-
-def _expected_change(mutant: OptimizerMutant) -> dict[str, Any]:
-    knob, text = mutant.expect[1].split("=", 1)
-    values = [v for v in runner.dialect_knobs(mutant.op).get(knob, []) if str(v) == text]
-    assert values, f"{knob}={text} is not a dialect knob value of {mutant.op}"
-    return {knob: values[0]}
 
 
 class _Mirror(OptimizerMutant):
@@ -58,14 +40,14 @@ def test_the_catalogue_is_complete_and_well_formed():
         assert mutant.expect[0] in ("FAIL", "CONVENTION"), cls.__name__
         assert set(mutant.dialect) <= set(reference.get(mutant.op).spec.hparams), cls.__name__
         if mutant.expect[0] == "CONVENTION":
-            assert next(iter(_expected_change(mutant))) in mutant.dialect, cls.__name__
+            assert next(iter(expected_change(mutant))) in mutant.dialect, cls.__name__
 
 
 @pytest.mark.parametrize("cls", CATALOGUE, ids=lambda c: c.__name__)
 def test_every_optimizer_mutant_is_flagged(cls: type[OptimizerMutant]):
     mutant = cls()
-    planned, results = _run(mutant)
-    table = _table(results)
+    planned, results = run_mutant(mutant)
+    table = verdict_table(results)
     if mutant.expect == ("FAIL",):
         assert any(r.verdict in FLAGGED for r in results), f"{cls.__name__} was not flagged:\n{table}"
         return
@@ -74,13 +56,13 @@ def test_every_optimizer_mutant_is_flagged(cls: type[OptimizerMutant]):
     assert any(r.diagnosis.replace("'", "") == expected for r in named), (
         f"{cls.__name__}: no CONVENTION {expected}:\n{table}")
     wrong = [r for r in named if r.diagnosis.replace("'", "") != expected]
-    assert not wrong, f"{cls.__name__}: CONVENTION with another diagnosis:\n{_table(wrong)}"
+    assert not wrong, f"{cls.__name__}: CONVENTION with another diagnosis:\n{verdict_table(wrong)}"
     unexplained = [r for r in results if r.verdict in FLAGGED]
-    assert not unexplained, f"{cls.__name__}: cases {expected} does not explain:\n{_table(unexplained)}"
-    mirror = _Mirror(mutant, _expected_change(mutant))
+    assert not unexplained, f"{cls.__name__}: cases {expected} does not explain:\n{verdict_table(unexplained)}"
+    mirror = _Mirror(mutant, expected_change(mutant))
     silent = [r for case, r in zip(planned, results, strict=True) if r.verdict == "PASS"
               and runner.run_case(mirror, case, profile=PROFILE).verdict in FLAGGED + ("CONVENTION",)]
-    assert not silent, f"{cls.__name__}: PASSes where the conventions differ:\n{_table(silent)}"
+    assert not silent, f"{cls.__name__}: PASSes where the conventions differ:\n{verdict_table(silent)}"
 
 
 def _controls() -> list[Any]:
@@ -93,7 +75,7 @@ def _controls() -> list[Any]:
 
 @pytest.mark.parametrize("control", _controls())
 def test_the_unmutated_optimizer_control_is_not_flagged(control: OptimizerControl):
-    _, results = _run(control)
+    _, results = run_mutant(control)
     flagged = [r for r in results if r.verdict in FLAGGED + ("CONVENTION",)]
-    assert not flagged, f"the control is flagged:\n{_table(flagged)}"
+    assert not flagged, f"the control is flagged:\n{verdict_table(flagged)}"
     assert any(r.verdict == "PASS" for r in results)
