@@ -513,25 +513,14 @@ def _optimizer_cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[d
         steps = item.get("steps")
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise SpecError(f"{w}: steps must be a positive int, got {steps!r}")
-        dialect = item.get("dialect")
-        if dialect is not None and dialect not in spec.dialects:
-            raise SpecError(f"{w}: unknown dialect {dialect!r}")
-        raw = {k: _unsentinel(spec.hparams.get(k), v) for k, v in item.get("hparams", {}).items()}
-        try:
-            hparams = spec.resolve(raw, dialect=dialect)
-        except (TypeError, ValueError) as exc:
-            raise SpecError(f"{w}: {exc}") from None
-        overrides = {**(spec.dialects[dialect]["hparams"] if dialect else {}),
-                     **{k: hparams[k] for k in raw}}
+        dialect, hparams, overrides = _case_hparams(item, spec, w)
         out.append({"name": name, "params": {k: tuple(v) for k, v in params.items()},
                     "shapes": {k: tuple(v) for k, v in params.items()},
                     "gradients": gradients, "steps": steps,
                     "schedule": str(item.get("schedule", "constant")),
                     "tags": tuple(item.get("tags", ())),
                     "hparams": hparams, "overrides": overrides, "dialect": dialect})
-    names = [c["name"] for c in out]
-    if len(set(names)) != len(names):
-        raise SpecError(f"{where}: case names repeat: {names}")
+    _unique_names(out, where)
     if not out:
         raise SpecError(f"{where}: an optimizer spec needs at least one [[cases]]")
     return tuple(out)
@@ -540,6 +529,29 @@ def _optimizer_cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[d
 def _unsentinel(param: HParam | None, value: Any) -> Any:
     """TOML has no null: the string "None" means None for a nullable hyper-parameter."""
     return None if param is not None and param.nullable and value == NONE_SENTINEL else value
+
+
+def _case_hparams(item: Mapping[str, Any], spec: Spec, w: str) -> tuple[str | None, dict[str, Any],
+                                                                      dict[str, Any]]:
+    """A case's ``(dialect, hparams, overrides)``.  ``hparams``: fully resolved; ``overrides``:
+    what the case itself asks for (its dialect's values, then its own), so a harness can overlay
+    them on a framework's conventions."""
+    dialect = item.get("dialect")
+    if dialect is not None and dialect not in spec.dialects:
+        raise SpecError(f"{w}: unknown dialect {dialect!r}")
+    raw = {k: _unsentinel(spec.hparams.get(k), v) for k, v in item.get("hparams", {}).items()}
+    try:
+        hparams = spec.resolve(raw, dialect=dialect)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{w}: {exc}") from None
+    overrides = {**(spec.dialects[dialect]["hparams"] if dialect else {}), **{k: hparams[k] for k in raw}}
+    return dialect, hparams, overrides
+
+
+def _unique_names(cases: list[dict[str, Any]], where: str) -> None:
+    names = [c["name"] for c in cases]
+    if len(set(names)) != len(names):
+        raise SpecError(f"{where}: case names repeat: {names}")
 
 
 def _cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, Any], ...]:
@@ -562,23 +574,10 @@ def _cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, A
         missing = [t.name for t in spec.inputs if not t.optional and t.name not in shapes]
         if missing:
             raise SpecError(f"{w}: shapes must give the required inputs {missing}")
-        dialect = item.get("dialect")
-        if dialect is not None and dialect not in spec.dialects:
-            raise SpecError(f"{w}: unknown dialect {dialect!r}")
-        raw = {k: _unsentinel(spec.hparams.get(k), v) for k, v in item.get("hparams", {}).items()}
-        try:
-            hparams = spec.resolve(raw, dialect=dialect)
-        except (TypeError, ValueError) as exc:
-            raise SpecError(f"{w}: {exc}") from None
-        # ``overrides``: what the case itself asks for (its dialect's values, then its own), so a
-        # harness can overlay them on a framework's conventions; ``hparams``: fully resolved.
-        overrides = {**(spec.dialects[dialect]["hparams"] if dialect else {}),
-                     **{k: hparams[k] for k in raw}}
+        dialect, hparams, overrides = _case_hparams(item, spec, w)
         out.append({"name": name, "shapes": {k: tuple(v) for k, v in shapes.items()},
                     "hparams": hparams, "overrides": overrides, "dialect": dialect})
-    names = [c["name"] for c in out]
-    if len(set(names)) != len(names):
-        raise SpecError(f"{where}: case names repeat: {names}")
+    _unique_names(out, where)
     return tuple(out)
 
 
