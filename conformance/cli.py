@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -193,51 +195,90 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from conformance import report, runner
+def _check_output(option: str, path: str | None) -> None:
+    """A report path must be writable before a run starts (not after it, with the run lost)."""
+    if not path or (option == "--json" and path == "-"):
+        return
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ValueError(f"{option} {path!r} is a directory, not a file")
+    if not parent.is_dir():
+        raise ValueError(f"{option} {path!r}: the directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{option} {path!r} is not writable")
+
+
+def _adapters(args: argparse.Namespace) -> list[Any]:
     from conformance.adapters import available_builtin, load_adapter
 
+    names = [args.adapter] if args.adapter else [n for n in available_builtin() if n != "numpy32"]
+    return [load_adapter(n) for n in (names or ["numpy32"])]
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from conformance import report, runner, xfails
+    from conformance.support import ConfigurationError
+
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    unknown = [d for d in dtypes if d not in runner.DTYPES]
-    if unknown:
-        return _usage_error("check", f"unknown dtype {unknown[0]!r}; choose from {', '.join(runner.DTYPES)}")
     try:
         shard = _parse_shard(args.shard)
-        xfails = runner.load_xfails(args.xfails)
-        names = [args.adapter] if args.adapter else [n for n in available_builtin() if n != "numpy32"]
-        adapters = [load_adapter(n) for n in (names or ["numpy32"])]
-    except (ValueError, TypeError, OSError) as exc:
+        for option, path in (("--json", args.json), ("--junit-xml", args.junit_xml),
+                             ("--markdown", args.markdown)):
+            _check_output(option, path)
+        expected = xfails.load(args.xfails)
+        if not runner.select_ops(args.ops):
+            raise ValueError(f"--ops {args.ops!r} matches no registered op (normref list shows them)")
+        adapters = _adapters(args)
+        plans, coverage = {}, {}
+        for adapter in adapters:
+            planned = runner.plan(adapter, ops=args.ops, dtypes=dtypes, seed=args.seed,
+                                  profile=args.profile, max_examples=args.max_examples)
+            coverage[adapter.name] = runner.coverage(adapter, ops=args.ops, dtypes=dtypes)
+            if shard:
+                planned = [c for i, c in enumerate(planned) if i % shard[1] == shard[0] - 1]
+            plans[adapter.name] = (adapter, planned)
+    except (ValueError, TypeError, OSError, ConfigurationError) as exc:
+        if args.traceback:
+            traceback.print_exception(exc.__cause__ or exc)
         return _usage_error("check", str(exc))
+    out = sys.stderr if args.json == "-" else sys.stdout
+    if not any(planned for _, planned in plans.values()):
+        selected = next(iter(coverage.values())).selected
+        what = (f"{', '.join(plans)} implements none of the selected ops in {', '.join(dtypes)}: "
+                f"{', '.join(selected[:8])}{' ...' if len(selected) > 8 else ''}")
+        print(f"normref check: nothing to compare: {what}", file=sys.stderr)
+        return report.EXIT_OK if args.allow_empty else report.EXIT_EMPTY
     results = []
-    for adapter in adapters:
-        planned = runner.plan(adapter, ops=args.ops, dtypes=dtypes, seed=args.seed, profile=args.profile,
-                              max_examples=args.max_examples)
-        if shard:
-            planned = [c for i, c in enumerate(planned) if i % shard[1] == shard[0] - 1]
-        if not planned:
-            return _usage_error("check", f"no cases: --ops {args.ops!r} matches no op")
-        results += runner.run(adapter, planned, profile=args.profile, xfails=xfails,
-                              progress=report.progress_printer())
-    stale = runner.unmatched_xfails(xfails, results)
-    for pattern in stale:
-        print(f"normref check: warning: xfail entry {pattern!r} matched no case", file=sys.stderr)
-    meta = {"normref_version": _version(), "adapters": {a.name: a.info() for a in adapters},
-            "seed": args.seed, "profile": args.profile, "dtypes": dtypes, "ops": args.ops}
-    title = "normref check: " + ", ".join(f"{a.name} ({a.info().get('version', '?')})" for a in adapters)
-    report.terminal(results, title=title)
+    progress = report.progress_printer()
+    for adapter, planned in plans.values():
+        results += runner.run(adapter, planned, profile=args.profile, xfails=expected, progress=progress,
+                              timeout=args.timeout)
+    if expected:
+        possible = [i for adapter, _ in plans.values() for i in runner.possible_ids(adapter, seed=args.seed)]
+        for pattern in expected.stale(possible):
+            print(f"normref check: warning: xfail entry {pattern!r} ({args.xfails}) matches no case "
+                  "the adapter could run", file=sys.stderr)
+    meta = {"normref_version": _version(), "adapters": {a.name: a.info() for a, _ in plans.values()},
+            "seed": args.seed, "profile": args.profile, "dtypes": dtypes, "ops": args.ops,
+            "coverage": {name: cov.__dict__ for name, cov in coverage.items()}}
+    title = "normref check: " + ", ".join(f"{a.name} ({a.info().get('version', '?')})"
+                                          for a, _ in plans.values())
+    report.terminal(results, out, title=title, coverage=coverage)
     if args.json:
         report.to_json(results, args.json, meta=meta)
     if args.junit_xml:
-        report.to_junit_xml(results, args.junit_xml)
+        report.to_junit_xml(results, args.junit_xml, allow_conventions=args.allow_conventions)
     if args.markdown:
-        report.to_markdown(results, args.markdown, title=title)
-    return report.exit_code(results, strict_xpass=not args.no_strict_xpass)
+        report.to_markdown(results, args.markdown, title=title, coverage=coverage)
+    return report.exit_code(results, strict_xpass=not args.no_strict_xpass,
+                            allow_conventions=args.allow_conventions, allow_empty=args.allow_empty)
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from conformance import runner
+    from conformance import runner, support
     from conformance.adapters import load_adapter
 
     parts = args.case_id.split(":")
@@ -246,6 +287,7 @@ def cmd_repro(args: argparse.Namespace) -> int:
     adapter_name, op, dtype, name, seed = parts
     try:
         adapter = load_adapter(args.adapter or adapter_name)
+        support.validate(adapter)
         planned = runner.find_case(op, name, int(seed), dtype)
     except (ValueError, KeyError, TypeError) as exc:
         return _usage_error("repro", str(exc.args[0] if exc.args else exc))
@@ -296,25 +338,40 @@ def build_parser() -> argparse.ArgumentParser:
     p_check = sub.add_parser(
         "check",
         help="check a framework against the oracle",
-        description="Run the conformance cases through ADAPTER (a built-in name: numpy32, torch, jax; a "
-        "module path; or a .py file). Without ADAPTER, every installed framework is checked (numpy32 if "
-        "none is). Exit status: 0 if nothing FAILs/ERRORs/XPASSes, 1 otherwise, 2 on usage errors.",
+        description="Run the conformance cases through ADAPTER (a built-in name: numpy32, torch, jax, "
+        "pytorch_optimizer; a module path; or a .py file). Without ADAPTER, every installed framework is "
+        "checked (numpy32 if none is). Exit status: 0 when every judged case passes; 1 on FAIL, ERROR, "
+        "XPASS or CONVENTION; 2 on a usage or configuration error; 3 when nothing was compared.",
     )
     p_check.add_argument("adapter", nargs="?", help="numpy32 | torch | jax | my.module | path/to/adapter.py")
-    p_check.add_argument("--ops", default=None, help="regex over op names (default: all)")
-    p_check.add_argument("--dtypes", default="float64,float32,float16",
-                         help="comma-separated: float64,float32,float16,bfloat16")
-    p_check.add_argument("--seed", type=int, default=0, help="case seed (same seed, same cases)")
-    p_check.add_argument("--max-examples", type=int, default=None, dest="max_examples",
+    p_check.add_argument("--ops", default=None, help="regex over op names or <family>/<op> (default: all)")
+    p_check.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES),
+                         help="comma-separated subset of float64,float32,float16,bfloat16 (default: all "
+                         "four; "
+                         "each adapter runs the ones it declares)")
+    p_check.add_argument("--seed", type=_non_negative(int), default=0,
+                         help="case seed (same seed, same cases)")
+    p_check.add_argument("--max-examples", type=_non_negative(int), default=None, dest="max_examples",
                          help="seeded random cases per op (overrides the profile's count)")
     p_check.add_argument("--profile", choices=sorted(runner_profiles()), default="default")
+    p_check.add_argument("--timeout", type=_positive(float), default=None,
+                         help="seconds per adapter call (default: the profile's, 60 s); after "
+                         "3 consecutive timeouts the adapter's remaining cases are ERROR")
     p_check.add_argument("--xfails", help="TOML file of [[xfail]] id (regex) / reason entries")
     p_check.add_argument("--no-strict-xpass", action="store_true", dest="no_strict_xpass",
                          help="do not fail the run on XPASS")
-    p_check.add_argument("--json", help="write one JSON record per case to this file")
+    p_check.add_argument("--allow-conventions", action="store_true", dest="allow_conventions",
+                         help="do not fail the run on CONVENTION (a case matching another convention than "
+                         "the declared one)")
+    p_check.add_argument("--allow-empty", action="store_true", dest="allow_empty",
+                         help="exit 0 when nothing was compared (default: exit 3)")
+    p_check.add_argument("--json", help="write one JSON record per case to this file ('-': stdout, "
+                         "the terminal report then goes to stderr)")
     p_check.add_argument("--junit-xml", dest="junit_xml", help="write JUnit XML to this file")
     p_check.add_argument("--markdown", help="write a Markdown summary (for a PR comment) to this file")
     p_check.add_argument("--shard", help="run only shard K of N (K/N, 1-based)")
+    p_check.add_argument("--traceback", action="store_true",
+                         help="on an adapter that fails to load, print the whole traceback")
     p_check.set_defaults(func=cmd_check)
 
     p_repro = sub.add_parser("repro", help="rerun one case and print everything",
@@ -327,6 +384,32 @@ def build_parser() -> argparse.ArgumentParser:
                          help="print arrays in full up to this size")
     p_repro.set_defaults(func=cmd_repro)
     return parser
+
+
+DEFAULT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def _non_negative(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = _non_negative(kind)(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
 
 
 def runner_profiles() -> list[str]:
@@ -345,7 +428,16 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # `normref show X --json | head`: the reader left; say nothing more and exit quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("normref: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

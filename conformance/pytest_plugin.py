@@ -5,8 +5,9 @@
            [--normref-seed N] [--normref-xfails FILE]
 
 Items are named by case id (``torch:batch_norm:float32:nchw_train:0``), so ``-k batch_norm`` and
-``--deselect`` work as usual.  PASS, CONVENTION and MISTRUSTED pass (the last two add a report
-section saying why); FAIL and ERROR fail with the measured error, bound, diagnosis and the
+``--deselect`` work as usual.  PASS and MISTRUSTED pass (the latter adds a report section saying
+why); CONVENTION fails as in ``normref check`` unless ``--normref-allow-conventions``; FAIL and
+ERROR fail with the measured error, bound, diagnosis and the
 ``normref repro`` line; SKIP skips; XFAIL/XPASS follow the xfails file.  Without
 ``--normref-adapter`` the plugin adds nothing.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conformance import report, runner
+from conformance import report, runner, xfails
 from conformance.adapters import load_adapter
 
 
@@ -25,10 +26,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("normref", "normref conformance cases")
     group.addoption("--normref-adapter", default=None, help="numpy32 | torch | jax | module | file.py")
     group.addoption("--normref-ops", default=None, help="regex over op names")
-    group.addoption("--normref-dtypes", default="float64,float32,float16", help="comma-separated dtypes")
+    group.addoption("--normref-dtypes", default="float64,float32,float16,bfloat16",
+                    help="comma-separated dtypes (each adapter runs the ones it declares)")
     group.addoption("--normref-profile", default="default", choices=sorted(runner.PROFILES))
     group.addoption("--normref-seed", type=int, default=0)
     group.addoption("--normref-xfails", default=None, help="TOML file of [[xfail]] id/reason entries")
+    group.addoption("--normref-allow-conventions", action="store_true", default=False,
+                    help="let CONVENTION cases pass (default: they fail, as in `normref check`)")
 
 
 class NormrefFailure(Exception):
@@ -37,9 +41,10 @@ class NormrefFailure(Exception):
 
 class NormrefItem(pytest.Item):
     def __init__(self, *, adapter: Any, planned: runner.PlannedCase, profile: str,
-                 xfails: dict[str, str], **kwargs: Any) -> None:
+                 xfails: Any, allow_conventions: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.adapter, self.planned, self.profile, self.xfails = adapter, planned, profile, xfails
+        self.allow_conventions = allow_conventions
 
     def runtest(self) -> None:
         (result,) = runner.run(self.adapter, [self.planned], profile=self.profile, xfails=self.xfails)
@@ -48,7 +53,8 @@ class NormrefItem(pytest.Item):
             pytest.skip(result.message)
         if result.verdict == "XFAIL":
             pytest.xfail(result.message)
-        if result.verdict in ("FAIL", "ERROR", "XPASS"):
+        failing = ("FAIL", "ERROR", "XPASS") + (() if self.allow_conventions else ("CONVENTION",))
+        if result.verdict in failing:
             raise NormrefFailure(detail)
         if result.verdict in ("CONVENTION", "MISTRUSTED"):
             self.add_report_section("call", "normref", detail)
@@ -71,7 +77,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     profile = config.getoption("normref_profile")
     planned = runner.plan(adapter, ops=config.getoption("normref_ops"), dtypes=dtypes,
                           seed=config.getoption("normref_seed"), profile=profile)
-    xfails = runner.load_xfails(config.getoption("normref_xfails"))
+    expected = xfails.load(config.getoption("normref_xfails"))
+    allow = config.getoption("normref_allow_conventions")
     for case in planned:
         items.append(NormrefItem.from_parent(session, name=case.id(adapter.name), adapter=adapter,
-                                             planned=case, profile=profile, xfails=xfails))
+                                             planned=case, profile=profile, xfails=expected,
+                                             allow_conventions=allow))

@@ -72,44 +72,30 @@ NaN or inf from the adapter where the oracle is finite is an ERROR; non-finite o
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from conformance.dtypes import OVERFLOW_THRESHOLD, SMALLEST_NORMAL, UNIT_ROUNDOFF, name_of, representable
 
 __all__ = [
     "K",
     "RELATIVE_STEPS",
-    "UNIT_ROUNDOFF",
     "Comparison",
     "bound",
+    "check_dtype",
     "compare",
+    "largest_finite",
     "sensitivity",
 ]
 
-UNIT_ROUNDOFF = {
-    "float64": 2.0**-53,
-    "float32": 2.0**-24,
-    "float16": 2.0**-11,
-    "bfloat16": 2.0**-8,
-}
-SMALLEST_NORMAL = {
-    "float64": 2.0**-1022,
-    "float32": 2.0**-126,
-    "float16": 2.0**-14,
-    "bfloat16": 2.0**-126,
-}
-MAX_FINITE = {
-    "float64": float(np.finfo(np.float64).max),
-    "float32": float(np.finfo(np.float32).max),
-    "float16": float(np.finfo(np.float16).max),
-    "bfloat16": 3.3895313892515355e38,
-}
 K = 4.0
 RELATIVE_STEPS = (2.0**-20, 2.0**-44)
-PROBES = 1
+#: Every quantity's sensitivity is read by at least this many Gaussian draws (:func:`_probe_count`).
+PROBED_ELEMENTS = 8
 MISTRUST_FRACTION = 0.25
 
 
@@ -135,20 +121,57 @@ def sensitivity(
     rng = np.random.default_rng([seed, 0x5E45])
     center = evaluate(arrays) if center is None else center
     total = {key: np.zeros(np.shape(v)) for key, v in center.items()}
+    probes = _probe_count(center) if directions == "gaussian" else 1
     for members in _probe_groups(arrays, groups):
         best = {key: np.zeros(np.shape(v)) for key, v in center.items()}
-        for _, e in itertools.product(range(PROBES), RELATIVE_STEPS):
-            with np.errstate(invalid="ignore", over="ignore"):  # inf inputs: inf - inf is judged
-                moved_inputs = {name: arrays[name] + e * np.abs(arrays[name])
-                                * _direction(rng, np.shape(arrays[name]), directions) for name in members}
-            moved = evaluate({**arrays, **moved_inputs})
-            for key, base in center.items():
-                with np.errstate(invalid="ignore", over="ignore"):
-                    s = np.abs(np.asarray(moved[key]) - np.asarray(base)) / e
-                best[key] = np.maximum(best[key], np.where(np.isfinite(s), s, 0.0))
+        for e in RELATIVE_STEPS:
+            drawn = [{name: _direction(rng, np.shape(arrays[name]), directions) for name in members}
+                     for _ in range(probes)]
+            if directions == "sign" and e == RELATIVE_STEPS[0]:
+                # Both sides of every element: a kink or a jump (a sign, a maximum, a clip) may sit
+                # on one side only.
+                drawn.append({name: -d for name, d in drawn[0].items()})
+            reads: dict[str, list[np.ndarray]] = {key: [] for key in center}
+            for direction in drawn:
+                with np.errstate(invalid="ignore", over="ignore"):  # inf inputs: inf - inf is judged
+                    moved_inputs = {name: arrays[name] + e * np.abs(arrays[name]) * direction[name]
+                                    for name in members}
+                moved = evaluate({**arrays, **moved_inputs})
+                for key, base in center.items():
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        s = np.abs(np.asarray(moved[key]) - np.asarray(base)) / e
+                    reads[key].append(np.where(np.isfinite(s), s, 0.0))
+            for key in best:
+                # Gaussian probes: the root mean square over probes (an estimate of the typical
+                # change, without a single draw's heavy lower tail); sign probes: the largest.
+                estimate = _rms_of(reads[key]) if directions == "gaussian" else np.max(reads[key], axis=0)
+                best[key] = np.maximum(best[key], estimate)
         for key in total:
             total[key] = total[key] + best[key]
     return total
+
+
+def _rms_of(reads: list[np.ndarray]) -> np.ndarray:
+    """Elementwise root mean square of equally shaped arrays, without overflowing the squares."""
+    if len(reads) == 1:
+        return reads[0]
+    stacked = np.stack(reads)
+    top = np.max(stacked, axis=0)
+    safe = np.where(top > 0, top, 1.0)
+    return top * np.sqrt(np.mean((stacked / safe) ** 2, axis=0))
+
+
+def _probe_count(center: dict[str, np.ndarray]) -> int:
+    """Gaussian probes per step: enough that every quantity is read by ``PROBED_ELEMENTS`` draws.
+
+    One probe reads |sum_i c_i r_i|, a |N(0, sum c_i^2)| draw: below a tenth of its typical size
+    with probability 8%.  The RMS floor over a quantity's elements averages that away for
+    quantities of many elements; a scalar (spectral norm's sigma) or a two-element vector has no
+    such average, so it gets ``ceil(PROBED_ELEMENTS / size)`` probes, whose root mean square is
+    below a tenth of the typical size with probability ~1e-8 (chi with 8 degrees of freedom).
+    """
+    sizes = [int(np.size(v)) for v in center.values() if np.size(v)]
+    return max(1, math.ceil(PROBED_ELEMENTS / min(sizes, default=PROBED_ELEMENTS)))
 
 
 def _direction(rng: np.random.Generator, shape: tuple[int, ...], kind: str) -> np.ndarray:
@@ -191,10 +214,15 @@ def bound(
     if rms_floor:
         sens = np.maximum(sens, _rms(sens))  # shared intermediate terms spread their error: above
     derived = u_acc * math.sqrt(max(n, 1)) * sens + u_out * (np.abs(oracle_value) + (sens if half else 0.0))
+    own = 0.0
     if baseline_error is not None and np.shape(baseline_error) == np.shape(oracle_value):
-        scaled = np.asarray(baseline_error, dtype=np.float64) * (u_acc / UNIT_ROUNDOFF["float32"])
-        derived = np.maximum(derived, np.where(np.isfinite(scaled), scaled, 0.0))
-    return K * derived + SMALLEST_NORMAL[dtype]
+        measured = np.asarray(baseline_error, dtype=np.float64)
+        measured = np.where(np.isfinite(measured), measured, 0.0)
+        derived = np.maximum(derived, measured * (u_acc / UNIT_ROUNDOFF["float32"]))
+        # The oracle's own float64 error: its algorithm's measured float32 error scaled to float64
+        # (negligible unless float64 is under test, where it is of the framework's own size).
+        own = measured * (UNIT_ROUNDOFF["float64"] / UNIT_ROUNDOFF["float32"])
+    return K * (derived + own) + SMALLEST_NORMAL[dtype]
 
 
 def _rms(values: np.ndarray) -> float:
@@ -204,6 +232,11 @@ def _rms(values: np.ndarray) -> float:
     if big == 0.0 or not math.isfinite(big):
         return big if values.size else 0.0
     return big * float(np.sqrt(np.mean((values / big) ** 2)))
+
+
+def largest_finite(arrays: list[Any]) -> float:
+    """The largest magnitude over the arrays that are entirely finite (0 when there is none)."""
+    return max([float(np.max(np.abs(v))) for v in arrays if np.size(v) and np.all(np.isfinite(v))] or [0.0])
 
 
 def structural_zero_floor(dtype: str, scale: float) -> float:
@@ -218,7 +251,14 @@ def structural_zero_floor(dtype: str, scale: float) -> float:
 
 @dataclass
 class Comparison:
-    """One compared quantity (e.g. ``outputs.y``, ``grads.x``, ``state.running_var``)."""
+    """One compared quantity (e.g. ``outputs.y``, ``grads.x``, ``state.running_var``).
+
+    ``kind`` says what an "error" status is: ``shape`` (wrong shape), ``nonfinite`` (NaN or inf
+    where the oracle is finite and in range), ``missing`` (not returned), ``raised`` /
+    ``timeout`` (set by the runner); ``dtype`` marks a FAIL for a response of the wrong dtype.
+    ``beyond_range`` counts elements whose exact value the dtype cannot hold (or that the adapter
+    rounded to inf where the bound admits it).
+    """
 
     quantity: str
     status: str  # "ok" | "fail" | "mistrusted" | "error"
@@ -228,6 +268,8 @@ class Comparison:
     bound_at_worst: float
     worst_index: tuple[int, ...]
     note: str = ""
+    kind: str = ""
+    beyond_range: int = 0
 
     def describe(self) -> str:
         text = (
@@ -236,54 +278,125 @@ class Comparison:
         )
         return text + (f" — {self.note}" if self.note else "")
 
+    def add_note(self, text: str) -> None:
+        self.note = f"{self.note}; {text}" if self.note else text
+
+
+def _index(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
 
 def compare(
     quantity: str, actual: np.ndarray, oracle: np.ndarray, bounds: np.ndarray, dtype: str = "float64"
 ) -> Comparison:
-    """Compare one quantity elementwise against its bounds (``dtype``: the dtype under test)."""
+    """Compare one quantity elementwise against its bounds (``dtype``: the dtype under test).
+
+    Elements fall into three sets, judged in this order:
+
+    * the oracle is NaN/inf (the case's inputs are non-finite): the adapter must be non-finite
+      there too;
+    * the exact value, moved by its bound, reaches the dtype's overflow threshold (it rounds to
+      inf): an inf of the same sign, or a finite value within the bound, is correct there, and the
+      quantity is MISTRUSTED (the dtype cannot hold the result);
+    * every other element: the adapter must be finite (else an error of kind ``nonfinite``) and
+      within its bound.
+    """
     actual = np.asarray(actual, dtype=np.float64)
     oracle = np.asarray(oracle, dtype=np.float64)
     if actual.shape != oracle.shape:
         return Comparison(quantity, "error", math.inf, math.inf, math.inf, 0.0, (),
-                          f"shape {actual.shape}, expected {oracle.shape}")
+                          f"shape {actual.shape}, expected {oracle.shape}", kind="shape")
     if oracle.size == 0:
         return Comparison(quantity, "ok", 0.0, 0.0, 0.0, 0.0, ())
-    oracle_finite = np.isfinite(oracle)
-    if not np.all(oracle_finite):
-        # Non-finite inputs: NaN/inf must appear exactly where the oracle has them (the reduction
-        # groups the bad value reaches); the finite elements are judged as usual.
-        wrong = np.isfinite(actual) != oracle_finite
-        if np.any(wrong):
-            index = tuple(int(i) for i in np.argwhere(wrong)[0])
-            return Comparison(quantity, "fail", math.inf, math.inf, math.inf, 0.0, index,
-                              f"non-finite pattern differs: the adapter has {actual[index]} where "
-                              f"the oracle has {oracle[index]}")
-        if not np.any(oracle_finite):
-            return Comparison(quantity, "ok", 0.0, 0.0, 0.0, 0.0, (),
-                              "non-finite exactly where the oracle is")
-        inner = compare(quantity, actual[oracle_finite], oracle[oracle_finite],
-                        np.broadcast_to(bounds, oracle.shape)[oracle_finite], dtype)
-        inner.note = (inner.note + "; " if inner.note else "") + "non-finite where the oracle is"
-        return inner
-    if float(np.max(np.abs(oracle))) > MAX_FINITE[dtype]:
-        return Comparison(quantity, "mistrusted", math.nan, math.nan, math.nan, math.nan, (),
-                          f"the exact result exceeds the largest finite {dtype}")
-    if not np.all(np.isfinite(actual)):
-        index = tuple(int(i) for i in np.argwhere(~np.isfinite(actual))[0])
+    bounds = np.broadcast_to(np.asarray(bounds, dtype=np.float64), oracle.shape)
+    exact_nonfinite = ~np.isfinite(oracle)
+    threshold = OVERFLOW_THRESHOLD[dtype]
+    with np.errstate(invalid="ignore", over="ignore"):
+        # Within its bound, the result may round to inf: an inf is admissible there.
+        beyond = ~exact_nonfinite & (np.abs(oracle) + bounds >= threshold)
+        # ... and the exact value does exceed the range, or the adapter's did round to inf.
+        overflowed = beyond & ((np.abs(oracle) >= threshold) | np.isinf(actual))
+    judged = ~exact_nonfinite & ~beyond
+    wrong = exact_nonfinite & np.isfinite(actual)
+    if np.any(wrong):
+        index = _index(wrong)
+        return Comparison(quantity, "fail", math.inf, math.inf, math.inf, 0.0, index,
+                          f"non-finite pattern differs: the adapter has {actual[index]} where "
+                          f"the oracle has {oracle[index]}")
+    with np.errstate(invalid="ignore", over="ignore"):
+        rounded_up = np.isinf(actual) & (np.sign(actual) == np.sign(oracle))
+        within = np.isfinite(actual) & (np.abs(actual - oracle) <= bounds)
+    wrong = beyond & ~(rounded_up | within)
+    if np.any(wrong):
+        index = _index(wrong)
+        kind = "nonfinite" if np.isnan(actual[index]) else ""
+        return Comparison(quantity, "error" if kind else "fail", math.inf, math.inf, math.inf,
+                          float(bounds[index]), index,
+                          f"the adapter has {actual[index]} where the exact value {oracle[index]:.6g} "
+                          f"exceeds the {dtype} range", kind=kind)
+    bad = judged & ~np.isfinite(actual)
+    if np.any(bad):
+        index = _index(bad)
         return Comparison(quantity, "error", math.inf, math.inf, math.inf, 0.0, index,
-                          f"the adapter returned {actual[index]} where the oracle is {oracle[index]:.6g}")
-    err = np.abs(actual - oracle)
-    with np.errstate(over="ignore"):
-        ratios = err / bounds
+                          f"the adapter returned {actual[index]} where the oracle is {oracle[index]:.6g}",
+                          kind="nonfinite")
+    comp = _judge_finite(quantity, actual, oracle, bounds, judged)
+    if np.any(exact_nonfinite):
+        comp.add_note("non-finite where the oracle is")
+    if np.any(beyond):
+        comp.beyond_range = int(np.sum(overflowed))
+        if comp.status == "ok":
+            comp.status = "mistrusted"
+        count = int(np.sum(beyond))
+        comp.add_note(f"the result exceeds the largest finite {dtype} ({count} element{'s' * (count > 1)})"
+                      if comp.beyond_range else
+                      f"within its bound, the result may exceed the largest finite {dtype} "
+                      f"({count} element{'s' * (count > 1)})")
+    return comp
+
+
+def _judge_finite(quantity: str, actual: np.ndarray, oracle: np.ndarray, bounds: np.ndarray,
+                  judged: np.ndarray) -> Comparison:
+    """The ratio of error to bound over the ``judged`` elements (finite on both sides)."""
+    if not np.any(judged):
+        return Comparison(quantity, "ok", 0.0, 0.0, 0.0, 0.0, ())
+    err = np.where(judged, np.abs(actual - oracle), 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ratios = np.where(judged, err / bounds, 0.0)
     flat = int(np.argmax(ratios))
     index = tuple(int(i) for i in np.unravel_index(flat, oracle.shape))
-    scale = float(np.max(np.abs(oracle)))
-    rel = float(np.max(err)) / scale if scale > 0 else float(np.max(err))
-    comp = Comparison(quantity, "ok", float(ratios.flat[flat]), float(np.max(err)), rel,
-                      float(bounds.flat[flat]), index)
+    scale = float(np.max(np.abs(oracle[judged])))
+    worst = float(np.max(err))
+    rel = worst / scale if scale > 0 else worst
+    comp = Comparison(quantity, "ok", float(ratios.flat[flat]), worst, rel, float(bounds.flat[flat]), index)
     if comp.ratio > 1.0:
         comp.status = "fail"
-    elif scale > 0 and float(np.max(bounds)) >= MISTRUST_FRACTION * scale:
+    elif scale > 0 and float(np.max(bounds[judged])) >= MISTRUST_FRACTION * scale:
         comp.status = "mistrusted"
         comp.note = "the bound exceeds a quarter of the magnitude: this dtype cannot resolve the case"
+    return comp
+
+
+def check_dtype(comp: Comparison, returned: Any, requested: str) -> Comparison:
+    """FAIL a quantity returned in the wrong dtype (the comparison of its values is kept).
+
+    The response rule: an array is in the requested dtype, or in a wider floating dtype holding
+    only values of the requested one (NumPy has no native bfloat16, so bfloat16 may come back
+    as float32 holding bfloat16 values).  A narrower dtype (float32 for a float64 request) or
+    wider values (a float64 result for a float16 request) mean the framework computed or stored
+    in another precision than the one it claims.
+    """
+    got = name_of(returned)
+    if got == requested:
+        return comp
+    if got in UNIT_ROUNDOFF and UNIT_ROUNDOFF[got] < UNIT_ROUNDOFF[requested]:
+        if representable(returned, requested):
+            return comp
+        problem = f"returned {got} values that are not {requested} values for a {requested} request"
+    else:
+        problem = f"returned dtype {got} for a {requested} request"
+    if comp.status != "error":
+        comp.status = "fail"
+        comp.kind = "dtype"
+    comp.note = f"{problem}" + (f"; {comp.note}" if comp.note else "")
     return comp

@@ -54,11 +54,13 @@ from typing import Any
 import numpy as np
 
 import reference
-from conformance import tolerance
+from conformance import judge, tolerance
 from conformance.cases import Case, case_rng
+from conformance.dtypes import round_to, widen
 
 __all__ = ["GRADIENT_FAMILIES", "SCHEDULES", "GradientSource", "OracleStep", "iter_oracle_trajectory",
-           "optimizer_cases", "oracle_trajectory", "propagate", "schedule_multipliers"]
+           "judge_own_step", "judging_bounds", "local_bounds", "optimizer_cases", "oracle_trajectory",
+           "propagate", "schedule_multipliers"]
 
 #: Adversarial families of the fixed gradient source (see the module docstring).
 GRADIENT_FAMILIES = ("tiny", "huge", "zero_tensor", "sparse", "mixed_scales")
@@ -235,22 +237,26 @@ def iter_oracle_trajectory(
     evaluate_for: Callable[[dict[str, Any]], Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]],
     *,
     with_bounds: bool = True,
+    bound_dtype: str | None = None,
 ) -> Iterator[OracleStep]:
     """The float64 trajectory with its accumulated bounds (module docstring), step by step.
 
     ``initial``/``state0``: the rounded initial parameters ``{path: w}`` and flat state;
     ``hps[k]``: the hyper-parameters of step k; ``baseline(hp, arrays)``: the float32
     same-formula evaluation; ``evaluate_for(hp)``: the oracle's flat evaluation under hp.
-    ``with_bounds=False`` computes the values only (a quick first look for the diagnosis).
+    ``with_bounds=False`` computes the values only (a quick first look for the diagnosis);
+    ``bound_dtype`` computes the bounds for another dtype than the one the values are rounded to
+    (the diagnosis "consistent with float32 arithmetic").
     """
     n = max(int(np.size(v)) for v in initial.values())
+    judged_in = bound_dtype or dtype
     params = dict(initial)
     state = dict(state0)
     carried: dict[str, np.ndarray] = {}
     for k, hp in enumerate(hps):
         grads = source(params, k)
         if not source.depends_on_params:
-            grads = _rounded(grads, dtype)
+            grads = widen(round_to(grads, dtype))
         arrays = {**{f"in.params/{p}": v for p, v in params.items()},
                   **{f"in.grads/{p}": v for p, v in grads.items()},
                   **{f"state.{s}": v for s, v in state.items()}}
@@ -263,30 +269,15 @@ def iter_oracle_trajectory(
             state = {key[len("state."):]: v for key, v in expected.items() if key.startswith("state.")}
             continue
         groups = _groups(op, arrays)
-        sens = tolerance.sensitivity(evaluate, arrays, seed=seed + k, center=expected, groups=groups,
-                                     directions="sign")
-        base = baseline(hp, arrays)
-        local = {}
-        for key, value in expected.items():
-            b = base.get(key)
-            with np.errstate(invalid="ignore", over="ignore"):
-                err = None if b is None or np.shape(b) != np.shape(value) else np.abs(
-                    np.asarray(b, dtype=np.float64) - value)
-            local[key] = tolerance.bound(value, sens[key], dtype, n, err, rms_floor=False)
+        local, sens = local_bounds(op, evaluate, arrays, expected, baseline(hp, arrays), judged_in, n,
+                                   seed + k)
         if carried:
             step_map = _with_model_gradients(evaluate, source) if source.depends_on_params else evaluate
             moved = propagate(step_map, arrays, carried, seed=seed + k, center=expected, groups=groups)
             bounds = {key: local[key] + moved[key] for key in expected}
         else:
             bounds = local
-        # A quantity that is exactly 0 with zero sensitivity (the moments of a tensor whose gradient
-        # is always 0) is judged against the structural-zero floor; the floor is a judging
-        # allowance, not an error estimate, so it is not carried into the next step.
-        scale = max([float(np.max(np.abs(v))) for v in [*expected.values(), *arrays.values()]
-                     if np.size(v) and np.all(np.isfinite(v))] or [0.0])
-        judged = {key: (np.maximum(b, tolerance.structural_zero_floor(dtype, scale))
-                        if not np.any(expected[key]) and not np.any(sens[key]) else b)
-                  for key, b in bounds.items()}
+        judged = judging_bounds(bounds, expected, sens, arrays, judged_in)
         yield OracleStep(hp, arrays, expected, judged)
         params = {key[len("outputs.params/"):]: v for key, v in expected.items()
                   if key.startswith("outputs.params/")}
@@ -294,6 +285,66 @@ def iter_oracle_trajectory(
         carried = {**{f"in.params/{key[len('outputs.params/'):]}": b for key, b in bounds.items()
                       if key.startswith("outputs.params/")},
                    **{key: b for key, b in bounds.items() if key.startswith("state.")}}
+
+
+def local_bounds(
+    op: reference.Op,
+    evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    arrays: dict[str, np.ndarray],
+    expected: dict[str, np.ndarray],
+    base: dict[str, np.ndarray],
+    dtype: str,
+    n: int,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """b_k, the single-step bound at ``arrays`` (sensitivity of the step to its parameters,
+    gradients and each slot, probed along sign directions per group, exact counters never
+    perturbed; and the float32 same-formula baseline ``base``), with the sensitivities."""
+    sens = tolerance.sensitivity(evaluate, arrays, seed=seed, center=expected, groups=_groups(op, arrays),
+                                 directions="sign")
+    local = {}
+    for key, value in expected.items():
+        b = base.get(key)
+        with np.errstate(invalid="ignore", over="ignore"):
+            err = None if b is None or np.shape(b) != np.shape(value) else np.abs(
+                np.asarray(b, dtype=np.float64) - value)
+        local[key] = tolerance.bound(value, sens[key], dtype, n, err, rms_floor=False)
+    return local, sens
+
+
+def judging_bounds(bounds: dict[str, np.ndarray], expected: dict[str, np.ndarray],
+                   sens: dict[str, np.ndarray], arrays: dict[str, np.ndarray], dtype: str
+                   ) -> dict[str, np.ndarray]:
+    """The bounds a step is judged against: a quantity that is exactly 0 with zero sensitivity
+    (the moments of a tensor whose gradient is always 0) gets the structural-zero floor.  The
+    floor is a judging allowance, not an error estimate, so it is never carried."""
+    scale = tolerance.largest_finite([*expected.values(), *arrays.values()])
+    return {key: (np.maximum(b, tolerance.structural_zero_floor(dtype, scale))
+                  if not np.any(expected[key]) and not np.any(sens[key]) else b)
+            for key, b in bounds.items()}
+
+
+def judge_own_step(
+    op: reference.Op,
+    hp: dict[str, Any],
+    request_arrays: dict[str, np.ndarray],
+    actual: dict[str, np.ndarray],
+    dtype: str,
+    n: int,
+    seed: int,
+    baseline: Callable[[dict[str, Any], dict[str, np.ndarray]], dict[str, np.ndarray]],
+    evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    **judging: Any,
+) -> list[tolerance.Comparison]:
+    """The adapter's step judged against the exact step map from its *own* inputs
+    (``request_arrays``: its parameters, gradients and state, as float64) with the single-step
+    bound there: the check of a step whose free-running comparison exceeded its propagated
+    bound (module docstring)."""
+    expected = evaluate(request_arrays)
+    local, sens = local_bounds(op, evaluate, request_arrays, expected, baseline(hp, request_arrays), dtype,
+                               n, seed)
+    bounds = judging_bounds(local, expected, sens, request_arrays, dtype)
+    return judge.judge(actual, expected, bounds, dtype, **judging)
 
 
 def _element_space(key: str) -> str | None:
@@ -359,17 +410,36 @@ def propagate(
                 move[n] = np.where(incoming[n] > 0, size, 0.0) * rng.choice(np.array([-1.0, 1.0]),
                                                                            size=np.shape(x))
                 per_input[_element_space(n)] = incoming[n] / size
-            moved = evaluate({**arrays, **{n: arrays[n] + move[n] for n in names}})
-            for key, base in center.items():
-                factor = per_input.get(_element_space(key))
-                if factor is None or np.shape(factor) != np.shape(base):
-                    continue
-                with np.errstate(invalid="ignore", over="ignore"):
-                    d = (np.asarray(moved[key]) - np.asarray(base)) * factor
-                squares[key] = squares[key] + np.where(np.isfinite(d), d, 0.0) ** 2
+            largest = {key: np.zeros(np.shape(v)) for key, v in center.items()}
+            for moved in _moves(evaluate, arrays, move):
+                for key, base in center.items():
+                    factor = per_input.get(_element_space(key))
+                    if factor is None or np.shape(factor) != np.shape(base):
+                        continue
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        d = np.abs((np.asarray(moved[key]) - np.asarray(base)) * factor)
+                    largest[key] = np.maximum(largest[key], np.where(np.isfinite(d), d, 0.0))
+            for key in squares:
+                squares[key] = squares[key] + largest[key] ** 2
         for key in total:
             total[key] = np.maximum(total[key], np.sqrt(squares[key]))
     return total
+
+
+def _moves(evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+           arrays: dict[str, np.ndarray], move: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """The step map at ``arrays + move`` and ``arrays - move`` (an element may sit next to a kink or
+    a jump on one side only: a sign, a maximum, a clip), and, where a move carries a value across
+    zero, at the move stopped at zero.  Rounding, underflow and flush-to-zero never change a
+    value's sign: a second moment near 0 may be stored as 0 but never as negative (which the
+    square root would turn into NaN, read as no effect), while a momentum's accumulated error may
+    cross zero (the unclamped move)."""
+    for sign in (1.0, -1.0):
+        moved = {n: arrays[n] + sign * m for n, m in move.items()}
+        yield evaluate({**arrays, **moved})
+        crossing = {n: (np.sign(v) != np.sign(arrays[n])) & (arrays[n] != 0) for n, v in moved.items()}
+        if any(np.any(c) for c in crossing.values()):
+            yield evaluate({**arrays, **{n: np.where(crossing[n], 0.0, v) for n, v in moved.items()}})
 
 
 def _with_model_gradients(evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
@@ -382,14 +452,6 @@ def _with_model_gradients(evaluate: Callable[[dict[str, np.ndarray]], dict[str, 
         return evaluate({**arrays, **{f"in.grads/{p}": g for p, g in grads.items()}})
 
     return step_map
-
-
-def _rounded(tree: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    from conformance.runner import _np_dtype
-
-    with np.errstate(over="ignore"):
-        return {k: np.asarray(v, dtype=np.float64).astype(_np_dtype(dtype)).astype(np.float64)
-                for k, v in tree.items()}
 
 
 def finite(tree: dict[str, np.ndarray]) -> bool:

@@ -800,12 +800,20 @@ class Op:
         Outputs absent from ``cotangents`` get a zero cotangent.
         """
         spec = self.spec
+        if spec.is_optimizer or not spec.differentiable:
+            raise TypeError(f"{spec.name} has no VJP: it has no differentiable input")
         hp = spec.resolve(hparams)
         arrays, _ = self._arrays(inputs, state, hp)
         names = {t.name for t in spec.outputs}
+        if not isinstance(cotangents, Mapping):
+            raise TypeError(f"{spec.name}: cotangents must be a dict output -> array, "
+                            f"got {type(cotangents).__name__}")
         for key in cotangents:
             if key not in names:
                 raise TypeError(f"{spec.name}: unknown cotangent {key!r}; outputs are {sorted(names)}")
+        if all(v is None for v in cotangents.values()):
+            raise ValueError(f"{spec.name}: vjp needs the cotangent of at least one output "
+                             f"({', '.join(sorted(names))}), got {dict(cotangents) or 'none'}")
         cts = {}
         for t in spec.outputs:
             if cotangents.get(t.name) is not None:

@@ -107,3 +107,161 @@ class BadGradientAdapter(_Faulty):
 def make_adapter() -> BadGradientAdapter:
     """Lets `normref check tests/harness_adapters.py` load the failing adapter."""
     return BadGradientAdapter()
+
+
+# -- adapters for the gate (tests/test_gate.py) ------------------------------------------------------
+
+
+class TypoAdapter(OracleAdapter):
+    """Declares a misspelt op (or, with ``field``, a misspelt dtype, knob, value or state)."""
+
+    name = "typo"
+
+    def __init__(self, field: str = "op") -> None:
+        self.field = field
+
+    def ops(self) -> dict[str, OpSupport]:
+        if self.field == "op":
+            return {"layer_nrom": OpSupport({}, ("float64",))}
+        if self.field == "dtype":
+            return {"layer_norm": OpSupport({}, ("float33",))}
+        if self.field == "knob":
+            return {"batch_norm": OpSupport({"momentum_conventoin": "new_weight"}, ("float64",))}
+        if self.field == "value":
+            return {"batch_norm": OpSupport({"momentum_convention": "newest_weight"}, ("float64",))}
+        return {"batch_norm": OpSupport({}, ("float64",), not_kept=("num_batches",))}
+
+
+class BatchNormOnly(OracleAdapter):
+    name = "bnonly"
+
+    def ops(self) -> dict[str, OpSupport]:
+        return {"batch_norm": OpSupport({}, ("float64",))}
+
+
+class AlwaysUnsupported(BatchNormOnly):
+    name = "refuses"
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        raise Unsupported("this backend refuses everything")
+
+
+class ForwardOnlyAdapter(OracleAdapter):
+    """An inference runtime: forward only; it fails if it is ever sent cotangents."""
+
+    name = "forward"
+
+    def ops(self) -> dict[str, OpSupport]:
+        return {k: OpSupport(v.dialect, ("float64", "float32"), gradients=False)
+                for k, v in super().ops().items() if k in ("batch_norm", "layer_norm")}
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        assert request.cotangents is None, "a forward-only adapter was sent cotangents"
+        response = super().evaluate(op, request)
+        response.grads = {}
+        return response
+
+
+class WideResultAdapter(OracleAdapter):
+    """Claims float16 but computes and returns float64 (the oracle's own values)."""
+
+    name = "wide"
+
+    def ops(self) -> dict[str, OpSupport]:
+        return {"layer_norm": OpSupport({}, ("float16",))}
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        wide = Request(op, "float64", _cast(request.inputs, np.float64), None, request.hparams,
+                       _cast(request.cotangents, np.float64))
+        return super().evaluate(op, wide)
+
+
+class NarrowResultAdapter(OracleAdapter):
+    """Returns float32 arrays for a float64 request (computes in float32)."""
+
+    name = "narrow"
+
+    def ops(self) -> dict[str, OpSupport]:
+        return {"layer_norm": OpSupport({}, ("float64",))}
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        narrow = Request(op, "float32", _cast(request.inputs, np.float32), None, request.hparams,
+                         _cast(request.cotangents, np.float32))
+        return super().evaluate(op, narrow)
+
+
+class Float32ArithmeticAdapter(NarrowResultAdapter):
+    """Computes float64 requests in float32 and returns them as float64 (a silent downcast)."""
+
+    name = "f32math"
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        response = super().evaluate(op, request)
+        for tree in (response.outputs, response.grads, response.state):
+            tree.update(_cast(tree, np.float64))
+        return response
+
+
+class CounterAdapter(OracleAdapter):
+    """A batch norm whose framework keeps no batch counter.  ``fabricate``: it invents one (one
+    more per call, eval calls included); otherwise it declares the slot not kept."""
+
+    name = "counter"
+
+    def __init__(self, fabricate: bool) -> None:
+        self.fabricate = fabricate
+
+    def ops(self) -> dict[str, OpSupport]:
+        return {"batch_norm": OpSupport({}, ("float64",),
+                                        not_kept=() if self.fabricate else ("num_batches_tracked",))}
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        response = super().evaluate(op, request)
+        count = (request.state or {}).get("num_batches_tracked")
+        response.state.pop("num_batches_tracked", None)
+        if self.fabricate and count is not None:
+            response.state["num_batches_tracked"] = np.asarray(float(count) + 1.0)
+        return response
+
+
+class Float32HyperParameters(OracleAdapter):
+    """Adam whose lr and betas are float32 variables whatever the parameters' dtype (as in
+    frameworks that keep optimizer hyper-parameters as float32 tensors)."""
+
+    name = "f32hp"
+
+    def __init__(self, declared: bool) -> None:
+        self.declared = declared
+
+    def ops(self) -> dict[str, OpSupport]:
+        return {"adam": OpSupport({}, ("float64",), hparam_dtype="float32" if self.declared else "float64")}
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        hp = dict(request.hparams)
+        for name in ("lr", "beta1", "beta2"):
+            hp[name] = float(np.float32(hp[name]))
+        return super().evaluate(op, Request(op, request.dtype, request.inputs, request.state, hp, None))
+
+
+class GroupNormBothAffines(OracleAdapter):
+    """A runtime with both GroupNorm scale/bias semantics (per group and per channel, by opset)."""
+
+    name = "gnboth"
+
+    def ops(self) -> dict[str, OpSupport]:
+        return {"group_norm": OpSupport({"affine": {"per_group", "per_channel"}}, ("float64",))}
+
+
+class ExitingAdapter(_Faulty):
+    """Calls sys.exit inside evaluate for layer_norm."""
+
+    name = "exiting"
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        if op == "layer_norm":
+            raise SystemExit(3)
+        return super().evaluate(op, request)
+
+
+def _cast(tree: dict[str, np.ndarray] | None, dtype: type) -> dict[str, np.ndarray] | None:
+    return None if tree is None else {k: np.asarray(v).astype(dtype) for k, v in tree.items()}

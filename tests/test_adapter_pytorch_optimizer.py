@@ -19,11 +19,11 @@ pytest.importorskip("torch")
 pytest.importorskip("pytorch_optimizer")
 
 import reference  # noqa: E402
-from conformance import runner  # noqa: E402
+from conformance import runner, xfails  # noqa: E402
 from conformance.adapters import BUILTIN, Request, Unsupported, available_builtin, load_adapter  # noqa: E402
 
 XFAILS_FILE = Path(__file__).resolve().parent.parent / "xfails" / "pytorch_optimizer.toml"
-KNOWN = runner.load_xfails(str(XFAILS_FILE))
+KNOWN = xfails.load(str(XFAILS_FILE))
 REQUIRED = {"lars", "lamb", "lion", "novograd", "adafactor", "ranger21", "agc"}
 
 

@@ -12,6 +12,7 @@ import pytest
 import harness_adapters as ha
 from conformance import report, runner
 from conformance.cli import main
+from conformance.xfails import Xfails
 
 HERE = Path(__file__).parent
 
@@ -58,7 +59,13 @@ def test_a_hanging_adapter_times_out_as_error(monkeypatch):
     quick = runner.PROFILES["quick"]
     monkeypatch.setitem(runner.PROFILES, "quick", runner.Profile("quick", quick.steps, False, False, 0, 0.2))
     results = _run(ha.HangingAdapter(), ops="^layer_norm$")
-    assert results and all(r.verdict == "ERROR" and "did not answer" in r.message for r in results)
+    assert len(results) > runner.MAX_CONSECUTIVE_TIMEOUTS
+    assert all(r.verdict == "ERROR" for r in results)
+    first = results[:runner.MAX_CONSECUTIVE_TIMEOUTS]
+    assert all(r.error_kind == "timeout" and "did not answer" in r.message for r in first)
+    rest = results[runner.MAX_CONSECUTIVE_TIMEOUTS:]
+    assert all(r.error_kind == "aborted" and "abandoned after 3 consecutive timeouts" in r.message
+               for r in rest)
 
 
 def test_unsupported_values_are_skipped_with_the_reason():
@@ -68,9 +75,12 @@ def test_unsupported_values_are_skipped_with_the_reason():
     assert any(r.verdict == "PASS" for r in results)
 
 
-def test_unsupported_dtype_is_skip():
-    results = _run(ha.FlaxMomentumAdapter(), ops="^batch_norm$", dtypes=("float32",))
-    assert results and all(r.verdict == "SKIP" for r in results)
+def test_an_undeclared_dtype_is_not_planned_and_the_coverage_says_so():
+    adapter = ha.FlaxMomentumAdapter()
+    assert runner.plan(adapter, ops="^batch_norm$", dtypes=("float32",)) == []
+    cov = runner.coverage(adapter, ops="norm", dtypes=("float64", "float32"))
+    assert cov.unsupported == {"batch_norm": ["float32"]}
+    assert "layer_norm" in cov.not_implemented and cov.implemented == ["batch_norm"]
 
 
 def test_a_known_convention_is_diagnosed_by_knob_and_value():
@@ -107,7 +117,8 @@ def test_xfails_turn_fail_into_xfail_and_pass_into_xpass():
     passing = _run(ha.OracleAdapter(), ops="^batch_norm$", xfails={r"oracle:batch_norm:.*": "x"})
     assert {r.verdict for r in passing} <= {"XPASS", "SKIP", "MISTRUSTED"}
     assert report.exit_code(passing) == 1 and report.exit_code(passing, strict_xpass=False) == 0
-    assert runner.unmatched_xfails({"nothing:.*": "stale", **xfails}, results) == ["nothing:.*"]
+    ids = runner.possible_ids(ha.BadGradientAdapter(), seed=0)
+    assert Xfails.from_dict({"nothing:.*": "stale", **xfails}).stale(ids) == ["nothing:.*"]
 
 
 def test_reports_json_junit_markdown(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import reference
-from conformance import runner, trajectory
+from conformance import judge, runner, trajectory
 from conformance.adapters import OpSupport, Request, Response
 from conformance.adapters.numpy32 import NumPy32Adapter
 
@@ -97,7 +97,7 @@ def test_the_bound_grows_with_curvature_and_forgets_through_an_ema():
         return {}
 
     steps = trajectory.oracle_trajectory(op, hps, initial, state0, source, "float32", 0, baseline,
-                                         lambda hp: runner._oracle(op, hp))
+                                         lambda hp: judge.oracle(op, hp))
     grow = [float(np.max(s.bounds["state.momentum_buffer/w"])) for s in steps]
     assert all(b2 > b1 for b1, b2 in zip(grow, grow[1:], strict=False)), grow  # errors are carried
 

@@ -10,16 +10,20 @@ dialect (hyper-parameter values of the op's spec) that its framework follows.
         def ops(self) -> dict[str, OpSupport]       # op name -> what is supported
         def evaluate(self, op: str, request: Request) -> Response
 
-``OpSupport(dialect={...}, dtypes=(...))``: ``dialect`` holds the values of the spec's convention
-knobs that the framework uses (e.g. ``{"momentum_convention": "new_weight",
-"running_var_correction": 1}``), merged over the spec's defaults by the runner; ``dtypes`` lists
-the dtypes the framework computes in (others are SKIP).
+``OpSupport(dialect={...}, dtypes=(...), gradients=..., hparam_dtype=..., not_kept=(...))``:
+``dialect`` holds the values of the spec's convention knobs that the framework uses (e.g.
+``{"momentum_convention": "new_weight", "running_var_correction": 1}``, or a set of values),
+merged over the case's values by the runner; ``dtypes`` lists the dtypes the framework computes
+in (no others are planned).  ``ops()`` is validated before a run (conformance/support.py): an
+unknown op, dtype, knob, knob value or state name is a configuration error.
 
 ``Request`` carries the inputs (already rounded to ``dtype``), the state (or None for ops without
 one), the full hyper-parameter dict (spec defaults, overlaid by the adapter's dialect and the
 case's own values), and the cotangents of the outputs (None: forward only).  ``Response`` returns
 the outputs, the new state, and the gradients of ``<cotangents, outputs>`` w.r.t. every
-differentiable input that was given.  An adapter raises :class:`Unsupported` for a combination
+differentiable input that was given.  Every returned array is in the request's dtype, or in a
+wider float dtype holding only values of it (bfloat16 as float32 holding bfloat16 values);
+exact counters (step counts) may come in any dtype.  An adapter raises :class:`Unsupported` for a combination
 it cannot express (that case is SKIP); any other exception is an ERROR for that case only.
 
 A user adapter is a module (or ``.py`` file) that defines ``ADAPTER`` (an instance) or
@@ -41,6 +45,7 @@ import numpy as np
 __all__ = [
     "BUILTIN",
     "Adapter",
+    "AdapterLoadError",
     "OpSupport",
     "Request",
     "Response",
@@ -67,11 +72,37 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class OpSupport:
-    """What an adapter supports for one op."""
+    """What an adapter supports for one op.
+
+    ``dialect``
+        The values of the spec's convention knobs the framework follows, merged over the case's
+        values.  A knob may map to a *set* of values the framework implements (e.g.
+        ``{"affine": {"per_group", "per_channel"}}`` for a runtime with both opset semantics):
+        the case's value is used when the set holds it.
+    ``dtypes``
+        The dtypes the framework computes in; the run plans no other.
+    ``api``
+        The framework call, for reports.
+    ``gradients``
+        False for a forward-only backend (an inference runtime, a kernel library): no
+        cotangents are sent, no gradient is judged, and the report says so.
+    ``hparam_dtype``
+        The precision the framework keeps float hyper-parameters in (``"float32"`` for ONNX
+        attributes, or for frameworks whose ``lr`` and betas are float32 variables whatever the
+        parameter dtype).  They are rounded to it before the oracle sees them, as the inputs are
+        rounded to ``dtype``.
+    ``not_kept``
+        State slots the framework does not keep (a batch counter, a step count): the harness
+        supplies the oracle's value in every request and does not compare them; the report lists
+        them as not compared.
+    """
 
     dialect: dict[str, Any] = field(default_factory=dict)
     dtypes: tuple[str, ...] = ("float64", "float32", "float16")
     api: str = ""
+    gradients: bool = True
+    hparam_dtype: str = "float64"
+    not_kept: tuple[str, ...] = ()
 
 
 @dataclass
@@ -115,41 +146,77 @@ def available_builtin() -> list[str]:
     ]
 
 
+class AdapterLoadError(ValueError):
+    """An adapter could not be loaded: the message names it and the exception (one line); the
+    original exception is chained (``__cause__``) for a full traceback."""
+
+
+#: The pip extra that installs each built-in adapter's framework.
+EXTRAS = {"torch": "torch", "jax": "jax", "pytorch_optimizer": "refs"}
+
+
 def _from_module(module: Any, where: str) -> Adapter:
-    if hasattr(module, "ADAPTER"):
-        adapter = module.ADAPTER
-    elif hasattr(module, "make_adapter"):
-        adapter = module.make_adapter()
-    else:
-        raise ValueError(f"{where} defines neither ADAPTER nor make_adapter()")
+    try:
+        if hasattr(module, "ADAPTER"):
+            adapter = module.ADAPTER
+        elif hasattr(module, "make_adapter"):
+            adapter = module.make_adapter()
+        else:
+            raise AdapterLoadError(f"{where} defines neither ADAPTER nor make_adapter()")
+    except AdapterLoadError:
+        raise
+    except Exception as exc:
+        raise AdapterLoadError(f"cannot create the adapter of {where}: {type(exc).__name__}: {exc}") from exc
     missing = [m for m in ("name", "info", "ops", "evaluate") if not hasattr(adapter, m)]
     if missing:
-        raise TypeError(f"{where}: the adapter lacks {', '.join(missing)} (see conformance.adapters)")
+        raise AdapterLoadError(f"{where}: the adapter lacks {', '.join(missing)} (see conformance.adapters)")
     return adapter
 
 
+def _import(where: str, load: Any) -> Any:
+    """Run an adapter module's import, turning any failure into one line naming ``where``."""
+    try:
+        return load()
+    except SyntaxError as exc:
+        raise AdapterLoadError(f"cannot load adapter {where}: SyntaxError: {exc.msg} "
+                               f"({exc.filename}, line {exc.lineno})") from exc
+    except Exception as exc:
+        raise AdapterLoadError(f"cannot load adapter {where}: {type(exc).__name__}: {exc}") from exc
+
+
 def load_adapter(spec: str) -> Adapter:
-    """An adapter from a built-in name, a module path (``mypkg.adapter``) or a ``.py`` file path."""
+    """An adapter from a built-in name, a module path (``mypkg.adapter``) or a ``.py`` file path.
+
+    Any failure (a missing framework, a syntax error, an exception at import or in
+    ``make_adapter()``) raises :class:`AdapterLoadError` with a one-line message.
+    """
     if spec in BUILTIN:
-        return _from_module(importlib.import_module(BUILTIN[spec]), spec)
+        package = REQUIRES.get(spec)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise AdapterLoadError(f"the {spec} adapter needs {package}, which is not installed "
+                                   f"(pip install 'normref[{EXTRAS.get(spec, spec)}]')")
+        module = _import(f"{spec!r}", lambda: importlib.import_module(BUILTIN[spec]))
+        return _from_module(module, spec)
     path = Path(spec)
     if spec.endswith(".py"):
         if not path.is_file():
-            raise ValueError(f"adapter file {spec!r} does not exist")
+            raise AdapterLoadError(f"adapter file {spec!r} does not exist")
         name = f"normref_user_adapter_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(name, path)
         if module_spec is None or module_spec.loader is None:  # pragma: no cover
-            raise ValueError(f"cannot load adapter file {spec!r}")
+            raise AdapterLoadError(f"cannot load adapter file {spec!r}")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module
-        module_spec.loader.exec_module(module)
+        loader = module_spec.loader
+        try:
+            _import(f"file {spec!r}", lambda: loader.exec_module(module))
+        except AdapterLoadError:
+            sys.modules.pop(name, None)
+            raise
         return _from_module(module, spec)
-    try:
-        module = importlib.import_module(spec)
-    except ImportError as exc:
+    if importlib.util.find_spec(spec.split(".")[0]) is None:
         known = ", ".join(BUILTIN)
-        raise ValueError(
-            f"unknown adapter {spec!r}: not a built-in ({known}), an importable module or a .py file "
-            f"({exc})"
-        ) from None
+        raise AdapterLoadError(f"unknown adapter {spec!r}: not a built-in ({known}), an importable module "
+                               "or a .py file")
+    module = _import(f"module {spec!r}", lambda: importlib.import_module(spec))
     return _from_module(module, spec)

@@ -79,3 +79,5 @@ API = {
     "agc": "optax.chain(optax.adaptive_grad_clip, optax.add_decayed_weights, optax.sgd)",
 }
 DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
+#: The SGD step keeps no count (supplied by the harness, not compared).
+NOT_KEPT = {name: ("step",) for name in _MAPPINGS}

@@ -101,3 +101,5 @@ DIALECTS: dict[str, dict[str, Any]] = {
 }
 API = {"lars": "optax.lars", "lamb": "optax.lamb (after optax.clip_by_global_norm with global_clip)"}
 DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
+#: optax.lars keeps no count (supplied by the harness, not compared).
+NOT_KEPT = {"lars": ("step",)}

@@ -17,11 +17,11 @@ The fast optimizer is what a user would chain for the request's inner optimizer:
   (L2) or ``scale_by_adam add_decayed_weights(wd) scale_by_learning_rate(lr)`` (AdamW).
 
 State: ``LookaheadState.steps_since_sync`` is set to ``step mod k`` (the oracle keeps the total
-``step``; optax's counter is that number modulo the period, see the spec) and read back as the
-new ``step`` = old step + 1 (checked to agree with optax's new counter modulo k).  The inner
-slots map to ``mu``/``nu``/``count`` (adam) and ``trace`` (sgd with momentum).  optax's sgd keeps
-no step count: ``inner_step`` is synthesized as the request's ``inner_step`` + 1, or 0 after a
-synchronization with ``reset_state`` (what ``fast_optimizer.init`` would give it).
+``step``; optax's counter is that number modulo the period, see the spec), and its new value is
+checked to agree with the oracle's new step modulo k (an AssertionError, so an ERROR, if not).
+The inner slots map to ``mu``/``nu``/``count`` (adam) and ``trace`` (sgd with momentum).  optax
+keeps the total step only modulo k and, for sgd, no inner count: ``step`` and ``inner_step`` are
+declared not kept (``NOT_KEPT``), supplied by the harness in every request, not compared.
 """
 
 from __future__ import annotations
@@ -88,13 +88,9 @@ def lookahead(c: OptaxStep) -> Response:
     read = read_fields(new_state, [*fields, "count", "steps_since_sync"])
     if int(read["steps_since_sync"]) != (t + 1) % k:
         raise AssertionError("optax's steps_since_sync disagrees with the oracle's step mod k")
-    synced = (t + 1) % k == 0
-    out_state: dict[str, np.ndarray] = {
-        "step": np.asarray(float(t + 1)),
-        "inner_step": np.asarray(float(int(read["count"]) if counted
-                                       else 0 if (reset and synced) else inner_t + 1)),
-    }
-    out_state.update({f"slow/{p}": np.asarray(v) for p, v in new_params.slow.items()})
+    # optax keeps the step only modulo k (checked above) and an inner count only for Adam: both
+    # counts are declared not kept (NOT_KEPT) and supplied by the harness.
+    out_state: dict[str, np.ndarray] = {f"slow/{p}": np.asarray(v) for p, v in new_params.slow.items()}
     for field, slot in fields.items():
         tree = read.get(field)
         if isinstance(tree, dict):
@@ -112,3 +108,4 @@ DIALECTS: dict[str, dict[str, Any]] = {"lookahead": {"slow_init": "params"}}
 API = {"lookahead": "optax.lookahead(fast_optimizer, sync_period, slow_step_size, reset_state) "
                     "on LookaheadParams(fast, slow)"}
 DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
+NOT_KEPT = {"lookahead": ("step", "inner_step")}

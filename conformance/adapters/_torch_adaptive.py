@@ -15,7 +15,7 @@ under torch's keys, one ``step()``.
 
 torch has eps outside the root, lr outside the momentum buffer, L2 (coupled) weight decay, no
 Nesterov for RMSprop and no bias correction: other values of those knobs are Unsupported.  The
-returned ``step`` is the request's count plus one (torch keeps the same count).
+returned ``step`` is torch's own count (``state[p]["step"]``).
 """
 
 from __future__ import annotations

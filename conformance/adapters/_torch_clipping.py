@@ -15,8 +15,8 @@ undecayed group gets ``weight_decay=0``), ``foreach=False`` for both calls, one 
   ``eps_add = 1e-6``.
 
 AGC has no torch dialect (its torch dialects are timm's and pytorch_optimizer's; the latter is
-checked by the ``pytorch_optimizer`` adapter).  SGD keeps no state here: the returned ``step`` is
-the request's count plus one (the number of calls).
+checked by the ``pytorch_optimizer`` adapter).  SGD keeps no state here and no step count:
+``step`` is declared not kept (``NOT_KEPT``), supplied by the harness and not compared.
 """
 
 from __future__ import annotations
@@ -72,3 +72,5 @@ DIALECTS: dict[str, dict[str, Any]] = {
 API = {"global_norm_clip": "torch.nn.utils.clip_grad_norm_ then torch.optim.SGD",
        "per_tensor_clip": "torch.nn.utils.clip_grad_norm_ per parameter then torch.optim.SGD"}
 DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
+#: The SGD step keeps no step count: supplied by the harness, not compared.
+NOT_KEPT = {name: ("step",) for name in _MAPPINGS}

@@ -9,9 +9,10 @@ reference loop torch's fused and foreach paths are tested against); ``make_adapt
 torch adapter does not change it.
 
 At step 0 the torch state is left empty, so torch initializes it itself (SGD's first momentum
-buffer is a *clone* of the gradient, not a zero buffer updated with dampening).  Global slots
-torch does not keep (SGD has no step count) are returned as the request's count plus one: the
-number of calls, documented rather than compared as a torch quantity.
+buffer is a *clone* of the gradient, not a zero buffer updated with dampening).  The step count
+is read back from torch (``state[p]["step"]``, or a parameter group's ``"step"``); SGD keeps none,
+so its ``step`` is declared not kept (``NOT_KEPT``): the harness supplies the count in every
+request and does not compare it.
 """
 
 from __future__ import annotations
@@ -82,13 +83,29 @@ class TorchStep(OptimizerRequest):
         self.check_all_read(op)
         optimizer.step()
         outputs = {f"params/{p}": _numpy(t) for p, t in self.tensors.items()}
-        state: dict[str, np.ndarray] = {"step": np.asarray(float(self.step_count + 1))}
+        state: dict[str, np.ndarray] = {}
+        step = _step_of(optimizer)
+        if step is not None:
+            state["step"] = np.asarray(step)
         for path, p in self.tensors.items():
             torch_state = optimizer.state.get(p, {})
             for slot, key in slots.items():
                 if key in torch_state and torch_state[key] is not None:
                     state[f"{slot}/{path}"] = _numpy(torch_state[key])
         return Response(outputs=outputs, state=state)
+
+
+def _step_of(optimizer: torch.optim.Optimizer) -> float | None:
+    """The step count the optimizer keeps: per parameter (torch.optim's ``state[p]["step"]``) or per
+    group (pytorch_optimizer's ``group["step"]``); None when it keeps none."""
+    for state in optimizer.state.values():
+        if isinstance(state, dict) and "step" in state:
+            value = state["step"]
+            return float(value.item() if isinstance(value, torch.Tensor) else value)
+    for group in optimizer.param_groups:
+        if "step" in group:
+            return float(group["step"])
+    return None
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -154,3 +171,5 @@ DIALECTS: dict[str, dict[str, Any]] = {
 }
 API = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"}
 DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
+#: State torch does not keep: supplied by the harness, not compared.
+NOT_KEPT = {"sgd": ("step",)}

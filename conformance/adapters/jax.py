@@ -83,6 +83,8 @@ from conformance.adapters import OpSupport, Request, Response, Unsupported
 __all__ = ["DIALECTS", "JaxAdapter", "make_adapter"]
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
+#: State Flax does not keep (supplied by the harness, not compared): BatchNorm has no batch counter.
+NOT_KEPT: dict[str, tuple[str, ...]] = {"batch_norm": ("num_batches_tracked",)}
 
 #: Convention knobs per op, from the specs' ``flax`` dialect tables (``nfnets`` for weight
 #: standardization).  Layout/mode switches and numeric values are deliberately absent.
@@ -171,10 +173,12 @@ class JaxAdapter:
         }
 
     def ops(self) -> dict[str, OpSupport]:
-        found = {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=APIS[op]) for op in DIALECTS}
+        found = {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=APIS[op],
+                               not_kept=NOT_KEPT.get(op, ())) for op in DIALECTS}
         for ext in self._extensions():
             found.update({op: OpSupport(dialect=dict(ext.DIALECTS.get(op, {})),
-                                        dtypes=tuple(ext.DTYPES.get(op, DTYPES)), api=ext.API.get(op, ""))
+                                        dtypes=tuple(ext.DTYPES.get(op, DTYPES)), api=ext.API.get(op, ""),
+                                        not_kept=tuple(getattr(ext, "NOT_KEPT", {}).get(op, ())))
                           for op in ext.OPS})
         return found
 
@@ -290,15 +294,8 @@ class JaxAdapter:
             return {"y": jnp.moveaxis(y, -1, axis)}, dict(updates["batch_stats"])
 
         def finish(new: dict[str, Any]) -> dict[str, Any]:
-            if not track:
-                return {}
-            count = np.asarray(state_in.get("num_batches_tracked", 0.0), dtype=np.float64)
-            if not training:  # use_running_average=True: Flax leaves batch_stats as they were
-                return {"running_mean": new["mean"], "running_var": new["var"],
-                        "num_batches_tracked": count}
-            # Flax keeps no batch counter: num_batches_tracked is the adapter's bookkeeping.
-            return {"running_mean": new["mean"], "running_var": new["var"],
-                    "num_batches_tracked": count + 1.0}
+            # Flax keeps no batch counter: num_batches_tracked is NOT_KEPT.
+            return {"running_mean": new["mean"], "running_var": new["var"]} if track else {}
 
         return compute, stats, finish
 

@@ -3,8 +3,9 @@
 The oracle's functions are called on float32 arrays (NumPy keeps float32 through every
 operation) and gradients come from the oracle's hand-written VJPs in the same dtype.  Half
 precision (float16, bfloat16) is a storage type: like every framework's "opmath", the baseline
-computes it in float32 and rounds the results once to the half type.  It needs no framework, so it
-is the default adapter when none is installed, and the runner uses it as the same-precision
+computes it in float32 and rounds the results once to the half type; float64 is the oracle's own
+arithmetic.  It declares every op in every dtype.  It needs no framework, so it is the default
+adapter when none is installed, and the runner uses it as the same-precision
 baseline of the error model (conformance/tolerance.py).  Its dialect is the spec's defaults.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 
 import reference
 from conformance.adapters import OpSupport, Request, Response
+from conformance.dtypes import DTYPES
 
 
 def _compute(value: np.ndarray) -> np.ndarray:
@@ -39,8 +41,8 @@ class NumPy32Adapter:
                 "note": "oracle formulas in the test dtype"}
 
     def ops(self) -> dict[str, OpSupport]:
-        return {name: OpSupport(dialect={}, dtypes=("float32", "float16"), api="reference (same dtype)")
-                for name in reference.ops()}  # optimizers: float32 (half-precision optimizers: none)
+        return {name: OpSupport(dialect={}, dtypes=DTYPES, api="reference (same dtype)")
+                for name in reference.ops()}
 
     def evaluate(self, op: str, request: Request) -> Response:
         bound = reference.get(op)

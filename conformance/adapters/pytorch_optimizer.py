@@ -57,13 +57,14 @@ package cannot express raises :class:`Unsupported` (the case is SKIP) with the r
   (``momentum_dtype``; the package's default is bfloat16, which the oracle does not model).
 * Ranger21 always uses PNM, AMSGrad, Lookahead, stable decay and the AGC; beta0 must be < 1.
 
-Synthesized state, documented rather than hidden:
+State the package does not keep, declared (``NOT_KEPT``: supplied by the harness in every
+request, not compared) rather than synthesized:
 
-* ``step``: the request's count plus one (every mapping; the packages keep it per group).
+* ``step``: read back from the package's group counter (``group["step"]``) after the step;
+  ``agc`` (plain torch SGD) keeps none, and ``Lookahead`` keeps only its counter modulo k.
+* lookahead's ``inner_step``: torch's SGD keeps no step count.
 * AdaFactor: the slots an unfactored (factored) parameter does not have come back as the (1,)
-  zeros the oracle keeps for them.
-* lookahead with an SGD inner optimizer: torch's SGD keeps no step count; ``inner_step`` is the
-  request's plus one, or 0 after a synchronization with ``reset_state`` (torch's fresh state).
+  zeros the oracle keeps for them (structural placeholders, not a computed quantity).
 
 Device: CPU by default; ``NORMREF_TORCH_DEVICE=cuda`` (or ``make_adapter(device="cuda")``) runs
 on the GPU.  Dtypes: float64 and float32.
@@ -86,6 +87,8 @@ from conformance.adapters.torch import _device
 __all__ = ["API", "DIALECTS", "PytorchOptimizerAdapter", "make_adapter"]
 
 DTYPES = ("float64", "float32")
+#: State the package does not keep (module docstring).
+NOT_KEPT: dict[str, tuple[str, ...]] = {"agc": ("step",), "lookahead": ("step", "inner_step")}
 
 #: The conventions pytorch_optimizer follows, per op (module docstring).
 DIALECTS: dict[str, dict[str, Any]] = {
@@ -453,14 +456,8 @@ def lookahead(c: _Step) -> Response:
     for group in opt.param_groups:
         group["counter"] = t % k
     opt.step()
-    synced = (t + 1) % k == 0
     outputs = {f"params/{p}": _numpy(v) for p, v in c.tensors.items()}
-    state: dict[str, np.ndarray] = {"step": np.asarray(float(t + 1))}
-    if inner == "adam":
-        first = next(iter(c.tensors.values()))
-        state["inner_step"] = np.asarray(float(base.state[first]["step"]))
-    else:
-        state["inner_step"] = np.asarray(float(0 if (reset and synced) else inner_t + 1))
+    state: dict[str, np.ndarray] = {}  # step and inner_step: NOT_KEPT
     for path, p in c.tensors.items():
         state[f"slow/{path}"] = _numpy(opt.state[p]["slow_params"])
         for slot, key in slots.items():
@@ -521,7 +518,8 @@ class PytorchOptimizerAdapter:
         return info
 
     def ops(self) -> dict[str, OpSupport]:
-        return {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=API[op])
+        return {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=API[op],
+                              not_kept=NOT_KEPT.get(op, ()))
                 for op in _OPS if _available(op)}
 
     def evaluate(self, op: str, request: Request) -> Response:

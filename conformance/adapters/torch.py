@@ -35,11 +35,10 @@ Gradients are torch's autograd VJP of the outputs with the given cotangents
 Deviations from the oracle's bookkeeping, documented rather than hidden:
 
 * ``instance_norm`` ``num_batches_tracked``: torch's InstanceNorm never increments its buffer
-  (and ``F.instance_norm`` has none).  The spec's notes say adapters should not compare it, but
-  the runner requires every state quantity, so this adapter returns the request's count plus one
-  after a tracked training step (the count of calls, not a torch quantity).  Because torch cannot
-  give the cumulative average that needs the count, ``momentum=None`` with tracked training is
-  Unsupported (``nn.InstanceNorm*d(momentum=None)`` passes momentum 0.0: frozen statistics).
+  (and ``F.instance_norm`` has none), so it is declared not kept (``NOT_KEPT``): the harness
+  supplies the count and does not compare it.  Because torch cannot give the cumulative average
+  that needs the count, ``momentum=None`` with tracked training is Unsupported
+  (``nn.InstanceNorm*d(momentum=None)`` passes momentum 0.0: frozen statistics).
 * ``spectral_norm`` ``sigma``: torch's parametrization returns only ``weight / sigma``; the
   adapter recomputes ``sigma = vdot(_u, mv(W_mat, _v))`` with torch's own expression from the
   buffers the forward used (the clones it divides by), so its gradient is torch's as well.
@@ -95,6 +94,9 @@ DIALECTS: dict[str, dict[str, Any]] = {
                       "gradient": "through_sigma"},
     "weight_standardization": {"correction": 0, "eps_mode": "add_var"},
 }
+
+#: State torch does not keep (supplied by the harness, not compared).
+NOT_KEPT: dict[str, tuple[str, ...]] = {"instance_norm": ("num_batches_tracked",)}
 
 API = {
     "batch_norm": "torch.nn.BatchNorm{1,2,3}d (F.batch_norm)",
@@ -335,10 +337,8 @@ def instance_norm(c: _Call) -> Response:
         momentum if momentum is not None else 0.0, eps))
     state = {}
     if track:
-        # torch updates the running stats in place; its num_batches_tracked never moves (see the
-        # module docstring): the count returned is the adapter's, one per tracked training call.
-        state = {"running_mean": running_mean, "running_var": running_var,
-                 "num_batches_tracked": float(c.count() + (1 if updates else 0))}
+        # torch updates the running stats in place and keeps no batch count (NOT_KEPT).
+        state = {"running_mean": running_mean, "running_var": running_var}
     c.check_all_read("instance_norm")
     return c.finish({"y": torch.movedim(y, 1, axis)}, state)
 
@@ -450,12 +450,17 @@ _OPS: dict[str, Callable[[_Call], Response]] = {
 
 
 def _device(device: str | None) -> torch.device:
+    """The device from the argument or ``NORMREF_TORCH_DEVICE``; ValueError naming it if unusable."""
     name = device or os.environ.get("NORMREF_TORCH_DEVICE", "") or "cpu"
-    resolved = torch.device(name)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"NORMREF_TORCH_DEVICE={name!r} but torch.cuda.is_available() is False")
+    where = f"device {name!r}" if device else f"NORMREF_TORCH_DEVICE={name!r}"
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{where} is not a torch device (expected cpu, cuda or cuda:N)") from None
     if resolved.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"unsupported torch device {name!r} (cpu or cuda)")
+        raise ValueError(f"{where}: unsupported torch device type {resolved.type!r} (expected cpu or cuda)")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{where} but torch.cuda.is_available() is False (no GPU, or a CPU build of torch)")
     return resolved
 
 
@@ -481,11 +486,12 @@ class TorchAdapter:
         return info
 
     def ops(self) -> dict[str, OpSupport]:
-        found = {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=API[op])
-                 for op in _OPS}
+        found = {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=API[op],
+                               not_kept=NOT_KEPT.get(op, ())) for op in _OPS}
         for ext in _extensions():
             found.update({op: OpSupport(dialect=dict(ext.DIALECTS.get(op, {})),
-                                        dtypes=tuple(ext.DTYPES.get(op, DTYPES)), api=ext.API.get(op, ""))
+                                        dtypes=tuple(ext.DTYPES.get(op, DTYPES)), api=ext.API.get(op, ""),
+                                        not_kept=tuple(getattr(ext, "NOT_KEPT", {}).get(op, ())))
                           for op in ext.OPS})
         return found
 

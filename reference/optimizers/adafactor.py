@@ -11,7 +11,7 @@ increasing decay (``beta2_t = 1 - t^-c``) and relative step size.  Per parameter
     factored (a matrix; see factored_dims):
         R_t = beta_t R_{t-1} + (1 - beta_t) mean_cols(g^2 + eps1)        (one value per row)
         C_t = beta_t C_{t-1} + (1 - beta_t) mean_rows(g^2 + eps1)        (one value per column)
-        V_t = R_t C_t^T / mean(R_t)
+        V_t = R_t C_t^T / mean(R_t)        (1/sqrt(V_t) formed factor by factor)
     otherwise:  V_t = beta_t V_{t-1} + (1 - beta_t) (g^2 + eps1)
     U_t = g / sqrt(V_t);   U_t <- U_t / max(1, RMS(U_t) / d)             (d = clipping_threshold)
     w  <- w - alpha_t U_t           (beta1 = 0)
@@ -86,13 +86,19 @@ def factored_axes(shape: tuple[int, ...], *, factored: bool, factored_dims: str,
     return axes
 
 
-def factored_second_moment(row: Any, col: Any, d_col: int, d_row: int) -> Any:
-    """``V = R C^T / mean(R)`` broadcast to the parameter's shape (the mean is over the factored
-    axis R keeps, separately for every index of the other axes)."""
+def factored_rsqrt(row: Any, col: Any, d_col: int, d_row: int) -> Any:
+    """``1 / sqrt(V)`` for ``V = R C^T / mean(R)``, broadcast to the parameter's shape (the mean is
+    over the factored axis R keeps, separately for every index of the other axes).
+
+    Formed as ``rsqrt(R / mean(R)) rsqrt(C)^T`` (as T2T and optax do) rather than from V itself:
+    the same value, but a row and a column that saw only ``eps1`` (1e-30) make V ~ 1e-57, which
+    underflows to 0 in float32 and turns ``0 / sqrt(V)`` into NaN for a same-precision evaluation.
+    """
     xp = namespace(row)
     kept = d_col if d_col < d_row else d_col - 1
     row_mean = xp.mean(row, axis=kept, keepdims=True)
-    return xp.expand_dims(row / row_mean, axis=d_row) * xp.expand_dims(col, axis=d_col)
+    return xp.expand_dims(1.0 / xp.sqrt(row / row_mean), axis=d_row) * xp.expand_dims(
+        1.0 / xp.sqrt(col), axis=d_col)
 
 
 def _rms(x: Any) -> Any:
@@ -188,7 +194,7 @@ def step(
             d_col, d_row = axes
             row = beta * state["exp_avg_sq_row"][p] + (1.0 - beta) * xp.mean(g2, axis=d_row)
             col = beta * state["exp_avg_sq_col"][p] + (1.0 - beta) * xp.mean(g2, axis=d_col)
-            u = g / xp.sqrt(factored_second_moment(row, col, d_col, d_row))
+            u = g * factored_rsqrt(row, col, d_col, d_row)
             new["exp_avg_sq_row"][p], new["exp_avg_sq_col"][p] = row, col
             new["exp_avg_sq"][p] = _placeholder(w)
         if clipping_threshold is not None:

@@ -1,0 +1,201 @@
+"""Judging one step: the oracle's values, their bounds, and the comparison with the adapter's.
+
+Quantities travel as flat dicts.  What both sides read: ``in.<input>``, ``state.<slot>``,
+``ct.<output>`` (float64 arrays holding the dtype's values); what they compute:
+``outputs.<output>``, ``grads.<input>``, ``state.<slot>``.  :func:`pack` and :func:`unpack` are
+the one place that builds and splits those keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+import reference
+from conformance import tolerance
+from conformance.adapters import Request
+from conformance.dtypes import round_to
+
+__all__ = ["Step", "baseline", "expected_and_bounds", "flatten_response", "judge", "oracle", "pack",
+           "status", "unpack"]
+
+READ = ("in.", "state.", "ct.")
+
+
+def pack(inputs: dict[str, Any], state: dict[str, Any] | None, cotangents: dict[str, Any] | None
+         ) -> dict[str, np.ndarray]:
+    """``{"in.x": ..., "state.running_mean": ..., "ct.y": ...}`` from the three dicts."""
+    out = {f"in.{k}": v for k, v in inputs.items()}
+    out.update({f"state.{k}": v for k, v in (state or {}).items()})
+    out.update({f"ct.{k}": v for k, v in (cotangents or {}).items()})
+    return out
+
+
+def unpack(arrays: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of one prefix (``"in."``, ``"state."``, ``"outputs."``, ...), prefix removed."""
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def flatten_response(response: Any) -> dict[str, np.ndarray]:
+    """A :class:`~conformance.adapters.Response` as flat quantities."""
+    flat = {f"outputs.{k}": v for k, v in response.outputs.items()}
+    flat.update({f"state.{k}": v for k, v in (response.state or {}).items()})
+    flat.update({f"grads.{k}": v for k, v in (response.grads or {}).items()})
+    return flat
+
+
+def oracle(op: reference.Op, hp: dict[str, Any], *, gradients: bool = True
+           ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Flat float64 evaluation: ``in./state./ct.`` -> ``outputs./grads./state.`` (no gradients
+    without cotangents, or when ``gradients`` is False)."""
+    spec = op.spec
+
+    def evaluate(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with np.errstate(all="ignore"):  # NaN/inf cases and probes: judged, not warned about
+            inputs, cts = unpack(arrays, "in."), unpack(arrays, "ct.")
+            state = unpack(arrays, "state.") or None
+            outputs, new_state = op.apply(inputs, state, **hp)
+            flat = {f"outputs.{k}": np.asarray(v, dtype=np.float64) for k, v in outputs.items()}
+            flat.update({f"state.{k}": np.asarray(v, dtype=np.float64) for k, v in new_state.items()})
+            if gradients and cts and spec.differentiable:
+                grads = op.vjp(inputs, state, cts, **hp)
+                flat.update({f"grads.{k}": np.asarray(v, dtype=np.float64) for k, v in grads.items()})
+            return flat
+
+    return evaluate
+
+
+def baseline(request: Request, hp: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The oracle's formulas evaluated in float32 (half types: float32 opmath, rounded once) on the
+    values both sides read.  For a float64 case the float64 values are rounded to float32 here;
+    the bound scales this error from u(float32) down to u(float64)."""
+    from conformance.adapters.numpy32 import NumPy32Adapter
+
+    dtype = request.dtype if request.dtype != "float64" else "float32"
+    req = Request(request.op, dtype, round_to(unpack(arrays, "in."), dtype),
+                  round_to(unpack(arrays, "state."), dtype) if request.state is not None else None, dict(hp),
+                  round_to(unpack(arrays, "ct."), dtype) if request.cotangents is not None else None)
+    try:
+        with np.errstate(all="ignore"):
+            return flatten_response(NumPy32Adapter().evaluate(request.op, req))
+    except Exception:  # noqa: BLE001 - a failing baseline only removes its term from the bound
+        return {}
+
+
+def _exact_keys(op: reference.Op) -> set[str]:
+    """Integer-valued arrays (step counts, batch counters): read exactly, never perturbed."""
+    return ({f"in.{t.name}" for t in op.spec.inputs if t.exact}
+            | {f"state.{t.name}" for t in op.spec.state if t.exact})
+
+
+def exact_quantities(op: reference.Op) -> set[str]:
+    """Prefixes of computed quantities that are counters (any dtype holding integers is right)."""
+    return {f"state.{t.name}" for t in op.spec.state if t.exact}
+
+
+def expected_and_bounds(
+    op: reference.Op, hp: dict[str, Any], arrays: dict[str, np.ndarray], request: Request, n: int,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The oracle's quantities under ``hp`` and their bounds in ``request.dtype``."""
+    evaluate = oracle(op, hp, gradients=request.cotangents is not None)
+    expected = evaluate(arrays)
+    exact = _exact_keys(op)
+    sens = tolerance.sensitivity(evaluate, arrays, seed=seed, center=expected,
+                                 groups={key: (None if key in exact else key) for key in arrays})
+    base = baseline(request, hp, arrays)
+    bounds = {}
+    for key, value in expected.items():
+        bounds[key] = tolerance.bound(value, sens[key], request.dtype, n, _error(base.get(key), value))
+    scale = tolerance.largest_finite([*expected.values(), *arrays.values()])
+    for key, value in expected.items():
+        if not np.any(value) and not np.any(sens[key]):
+            bounds[key] = np.maximum(bounds[key], tolerance.structural_zero_floor(request.dtype, scale))
+        elif not op.spec.differentiable and np.size(value) and np.all(np.isfinite(value)):
+            # A function of exact inputs (a schedule of the step count): a handful of flops on
+            # quantities the size of its largest value (init - end, 1 + cos(pi t/T)), so every
+            # element carries a few roundings of that size, not of its own (0 at the end of a
+            # decay, 1e-6 at the start of a warm-up).
+            peak = float(np.max(np.abs(value)))
+            bounds[key] = np.maximum(bounds[key], tolerance.structural_zero_floor(request.dtype, peak))
+    return expected, bounds
+
+
+def _error(approx: Any, value: np.ndarray) -> np.ndarray | None:
+    """|approx - value| when ``approx`` has value's shape (a baseline's error), else None."""
+    if approx is None or np.shape(approx) != np.shape(value):
+        return None
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.abs(np.asarray(approx, dtype=np.float64) - value)
+
+
+def judge(
+    actual: dict[str, np.ndarray],
+    expected: dict[str, np.ndarray],
+    bounds: dict[str, np.ndarray],
+    dtype: str,
+    *,
+    skip: Iterable[str] = (),
+    exact: Iterable[str] = (),
+    check_dtypes: bool = True,
+) -> list[tolerance.Comparison]:
+    """Every expected quantity compared (``skip``: not compared; ``exact``: counters, whose dtype
+    is free); ``check_dtypes`` also FAILs arrays returned in the wrong dtype."""
+    skipped, counters = set(skip), tuple(exact)
+    comps = []
+    for key in sorted(expected):
+        if key in skipped:
+            continue
+        if key not in actual or actual[key] is None:
+            comps.append(tolerance.Comparison(key, "error", math.inf, math.inf, math.inf, 0.0, (),
+                                              "the adapter did not return it", kind="missing"))
+            continue
+        comp = tolerance.compare(key, actual[key], expected[key], bounds[key], dtype)
+        if check_dtypes and not any(key == c or key.startswith(c + "/") for c in counters):
+            comp = tolerance.check_dtype(comp, actual[key], dtype)
+        comps.append(comp)
+    return comps
+
+
+def status(comps: list[tolerance.Comparison]) -> str:
+    """The verdict of one step: the worst of its comparisons."""
+    statuses = {c.status for c in comps}
+    for s, verdict in (("error", "ERROR"), ("fail", "FAIL"), ("mistrusted", "MISTRUSTED")):
+        if s in statuses:
+            return verdict
+    return "PASS"
+
+
+def worst_ratio(comps: list[tolerance.Comparison]) -> float:
+    ratios = [c.ratio for c in comps if not math.isnan(c.ratio)]
+    return max(ratios, default=0.0)
+
+
+@dataclass
+class Step:
+    """One judged step, kept for the diagnosis."""
+
+    hp: dict[str, Any]
+    dtype: str
+    arrays: dict[str, np.ndarray]        # the float64 values both sides read ("in.", "state.", "ct.")
+    actual: dict[str, np.ndarray]        # the adapter's quantities
+    bounds: dict[str, np.ndarray]
+    comparisons: list[tolerance.Comparison]
+    request: Request
+    n: int
+    seed: int
+    skip: tuple[str, ...] = ()
+    exact: tuple[str, ...] = field(default_factory=tuple)
+
+    def rejudge(self, expected: dict[str, np.ndarray], bounds: dict[str, np.ndarray] | None = None,
+                dtype: str | None = None) -> list[tolerance.Comparison]:
+        """The recorded results against other expected values (and bounds, dtype): values only."""
+        return judge(self.actual, expected, self.bounds if bounds is None else bounds,
+                     dtype or self.dtype, skip=self.skip, exact=self.exact, check_dtypes=False)
+
+    def in_dtype(self, dtype: str) -> Request:
+        return replace(self.request, dtype=dtype)
