@@ -18,7 +18,7 @@ import numpy as np
 import reference
 from conformance import tolerance
 from conformance.adapters import Request
-from conformance.dtypes import round_to
+from conformance.dtypes import is_half, round_to
 
 __all__ = ["Step", "baseline", "expected_and_bounds", "flatten_response", "judge", "oracle", "pack",
            "status", "unpack"]
@@ -106,7 +106,8 @@ def expected_and_bounds(
     expected = evaluate(arrays)
     exact = _exact_keys(op)
     sens = tolerance.sensitivity(evaluate, arrays, seed=seed, center=expected,
-                                 groups={key: (None if key in exact else key) for key in arrays})
+                                 groups={key: (None if key in exact else key) for key in arrays},
+                                 coherent=is_half(request.dtype))
     base = baseline(request, hp, arrays)
     bounds = {}
     for key, value in expected.items():

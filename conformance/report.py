@@ -203,7 +203,8 @@ def terminal(results: list[CaseResult], out: TextIO | None = None, *, title: str
     if xfails:
         print("\nXFAIL (expected failures):", file=out)
         for r in xfails:
-            print(f"  {r.id}: {r.message.split(';')[0][:150]}", file=out)
+            reason = " ".join(r.message.split(";")[0].split())
+            print(f"  {r.id}: {reason[:160]}", file=out)
     noteworthy = sorted((r for r in results if r.verdict in NOTEWORTHY), key=lambda r: ORDER.index(r.verdict))
     if noteworthy:
         print("", file=out)

@@ -43,6 +43,31 @@ amplifies them by lr a / sqrt(v): the bound follows the trajectory's own conditi
 tuned factor, and a quantity it can no longer resolve becomes MISTRUSTED.  Without P_k a correct
 float32 trajectory exceeds the single-step bounds after a few dozen steps (tested).  Nothing is
 re-synchronized, so a wrong step shows at that step and stays visible.
+
+Why a first-order P_k is not enough in half precision, and what judges such a step.  P_k(B) is
+J e for a carried error e of size B, measured by moving the inputs by B.  That is exact to first
+order when the step map is smooth over the box of size B around the oracle's point, and float32
+keeps B small enough for that.  float16 and bfloat16 do not: their carried bounds are 2^-11 and
+2^-8 relative per step, and the moments of small gradients sit at the subnormal floor
+(a second moment of 4e-8 stored in float16 is 0 or 6e-8).  Inside such a box the step map has
+kinks and jumps: AdamP's projection switches on when a cosine crosses delta/sqrt(n) (a jump of
+O(1) in the update), Lion's sign(c) flips where c crosses 0, a clip or AMSGrad's maximum changes
+branch, and 1/sqrt(v) blows up as v -> 0.  Measured on the same-precision baseline (``numpy32``,
+correct by construction) before this was modelled, 20 float16 and bfloat16 trajectories of the
+default profile exceeded the bound by 1.04 to 156 times.  Three causes, three remedies:
+
+1. a move of one sign misses a jump on the other side: every group is moved both ways;
+2. a second moment moved by -B < -v goes negative and its square root is NaN, which read as "no
+   effect"; rounding, underflow and flush-to-zero never change a sign, so a move across zero is
+   also evaluated stopped at zero (the underflowed value), and the larger finite effect counts;
+3. where the map jumps, no first-order estimate bounds it: a step whose free-running comparison
+   exceeds B_{k+1} is judged again from the adapter's *own* inputs (its parameters, the gradient it
+   was given, its state) against the exact step map, with the single-step bound b_k measured
+   there (:func:`judge_own_step`).  Those inputs are the adapter's, so a wrong step errs there by
+   more than one step's rounding and FAILs; a right one agrees, which proves that the distance to
+   the float64 trajectory comes from the trajectory's sensitivity, not from the step: that step is
+   MISTRUSTED ("the trajectory is more sensitive here than its first-order bound"), and every later
+   step is judged the same way, so a later wrong step still FAILs.
 """
 
 from __future__ import annotations

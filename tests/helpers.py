@@ -157,12 +157,34 @@ def verdict_table(results: list) -> str:
 
 
 def expected_change(mutant: Any) -> dict[str, Any]:
-    """``{"knob": value}`` from the catalogue's ``"knob=value"``, typed as the op's dialect knob."""
-    from conformance import runner
+    """``{"knob": value}`` from the catalogue's ``"knob=value"``, typed as the op's dialect knob; for
+    ``"the NAME dialect"``, the convention switches of that dialect row that differ from the
+    mutant's declared dialect."""
+    from conformance import diagnose, runner
 
-    knob, text = mutant.expect[1].split("=", 1)
+    text = mutant.expect[1]
+    if text.startswith("the ") and text.endswith(" dialect"):
+        spec = reference.get(mutant.op).spec
+        row = spec.dialects[text[len("the "):-len(" dialect")]]["hparams"]
+        change = {k: v for k, v in row.items() if k in spec.hparams and diagnose.is_switch(spec.hparams[k])
+                  and k not in diagnose.LAYOUT_KNOBS and v != mutant.dialect.get(k, spec.hparams[k].default)}
+        assert len(change) >= 2, f"{text} differs from {mutant.dialect} in fewer than two switches"
+        return change
+    knob, value = text.split("=", 1)
     candidates = runner.dialect_knobs(mutant.op).get(knob, [])
-    values = [v for v in candidates if str(v) == text]
-    assert values, f"{knob}={text} is not a dialect knob value of {mutant.op}: {candidates}"
+    values = [v for v in candidates if str(v) == value]
+    assert values, f"{knob}={value} is not a dialect knob value of {mutant.op}: {candidates}"
     return {knob: values[0]}
 
+
+def names_expected(result: Any, mutant: Any) -> bool:
+    """Whether a CONVENTION result's diagnosis is the one the mutant expects."""
+    expected = mutant.expect[1]
+    if expected.startswith("the ") and expected.endswith(" dialect"):
+        return result.diagnosis.startswith(expected + " (")
+    return result.diagnosis.replace("'", "") == expected
+
+
+#: A public mutant must be flagged by at least this many cases: one edit of a case list must not
+#: lose it silently.
+MIN_FLAGGED = 2

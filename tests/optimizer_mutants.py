@@ -301,6 +301,7 @@ class SGDMomentumBufferNotStored(OptimizerMutant):
 
 TORCH_ADAGRAD = {"eps_placement": "outside", "empty_accumulator": "divide", "weight_decay_mode": "l2"}
 TORCH_RMSPROP = {"eps_placement": "outside", "lr_placement": "outside", "weight_decay_mode": "l2"}
+KERAS_RMSPROP = {"eps_placement": "inside", "lr_placement": "inside", "weight_decay_mode": "decoupled_lr"}
 
 
 class AdagradEpsInsideRoot(OptimizerMutant):
@@ -344,6 +345,27 @@ class RMSpropLrInsideBuffer(OptimizerMutant):
 
     def step(self, params, grads, state, hp):
         return self.oracle(params, grads, state, hp, lr_placement="inside")
+
+
+class RMSpropKerasUnderTorchName(OptimizerMutant):
+    """Keras's RMSprop (eps inside the root, lr inside the momentum buffer, decoupled weight decay)
+    shipped as torch's: three knobs at once, which no single knob or pair explains."""
+
+    op, dialect = "rmsprop", TORCH_RMSPROP
+    expect = ("CONVENTION", "the keras dialect")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, **KERAS_RMSPROP)
+
+
+class RMSpropKerasKeepsLrOutside(OptimizerMutant):
+    """Declares Keras's three-knob dialect but keeps torch's lr placement: one knob ignored."""
+
+    op, dialect = "rmsprop", KERAS_RMSPROP
+    expect = ("CONVENTION", "lr_placement=outside")
+
+    def step(self, params, grads, state, hp):
+        return self.oracle(params, grads, state, hp, lr_placement="outside")
 
 
 # -- large-batch optimizers -------------------------------------------------------------------------
@@ -467,6 +489,7 @@ CATALOGUE: list[type[OptimizerMutant]] = [
     SGDNesterovLookAheadTwice, SGDDampeningOnFirstStep, SGDLrInsideBuffer,
     SGDWeightDecayOutsideMomentum, SGDMomentumBufferNotStored,
     AdagradEpsInsideRoot, AdagradAccumulatorOverwritten, RMSpropCenteredIgnored, RMSpropLrInsideBuffer,
+    RMSpropKerasUnderTorchName, RMSpropKerasKeepsLrOutside,
     LARSExcludesNothing, LARSNormOfSumClaimingPaper, LAMBTrustRatioOnRawGradient, LionSignOfMomentum,
     NovoGradSecondMomentFromZero, GlobalNormClipPerTensor, AGCOutputUnitsOnTheLastAxis,
     Ranger21OfficialBugsClaimingPaper, LookaheadSyncsEveryKPlus1,
