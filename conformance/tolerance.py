@@ -74,8 +74,8 @@ element i of a compared quantity is
     bound_i = K * (max(u_acc sqrt(n) s_i + u_out (|y_i| + [half] s_i),  base_i u_acc / u32)
                    + base_i u64 / u32) + tiny
 
-with base_i = |float32 baseline - oracle|_i, K = 4, n the size of the largest input and ``tiny`` the dtype's smallest normal (so exact
-zeros do not demand exact zeros).  K is the safety factor for the estimate of s and for the
+with base_i = |float32 baseline - oracle|_i, K = 4, n the size of the largest input and ``tiny``
+the dtype's smallest normal (so exact zeros do not demand exact zeros).  K is the safety factor for the estimate of s and for the
 constant in g(n); it is the same for every op and dtype, never tuned per case.
 
 Shared terms.  A reduction's rounding error (a mean, a norm, a sum of dy * x_hat) enters every
