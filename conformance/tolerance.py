@@ -75,8 +75,9 @@ element i of a compared quantity is
                    + base_i u64 / u32) + tiny
 
 with base_i = |float32 baseline - oracle|_i, K = 4, n the size of the largest input and ``tiny``
-the dtype's smallest normal (so exact zeros do not demand exact zeros).  K is the safety factor for the estimate of s and for the
-constant in g(n); it is the same for every op and dtype, never tuned per case.
+the dtype's smallest normal (so exact zeros do not demand exact zeros).  K is the safety factor
+for the estimate of s and for the constant in g(n); it is the same for every op and dtype, never
+tuned per case.
 
 Shared terms.  A reduction's rounding error (a mean, a norm, a sum of dy * x_hat) enters every
 element that uses it, so an element whose own sensitivity is small (a value near 0 among values
