@@ -44,6 +44,10 @@ LAYOUT_KNOBS = frozenset({"training", "track_running_stats", "axis", "axes", "di
 #: be orders of magnitude from the declared one's) only when the adapter is within this factor of
 #: the candidate under the declared bounds; farther off, the candidate is rejected.
 RECHECK_RATIO = 1e6
+#: ... and, before that recomputation, when it is within this factor under bounds formed from the
+#: declared values' sensitivities and the candidate's values (the same order of magnitude as the
+#: candidate's own bounds): a wrong candidate is rejected without a new sensitivity estimate.
+FIRST_LOOK_RATIO = 10.0
 
 Explains = Callable[["Candidate"], "str | None"]
 
@@ -154,11 +158,15 @@ def search(op: str, current: dict[str, Any], explains: Explains, *, hparam_dtype
     found = [(c, s) for c in _singles(op, current) if (s := explains(c))]
     if found:
         return _best(found)
-    for stage in (_dialect_rows(op, current), _pairs(op, current)):
-        for candidate in stage:
-            status = explains(candidate)
-            if status:
-                return [candidate]
+    # Every dialect row that explains, fewest knobs first: on a case that cannot tell two rows apart
+    # (no weight decay: Keras's RMSprop row and Graves's agree) the smaller change is named first.
+    found = [(c, s) for c in sorted(_dialect_rows(op, current), key=lambda c: len(c.change))
+             if (s := explains(c))]
+    if found:
+        return _best(found)
+    for candidate in _pairs(op, current):
+        if explains(candidate):
+            return [candidate]
     if hparam_dtype == "float64":
         rounded = _precision(op, current, explains)
         if rounded:
@@ -196,6 +204,7 @@ def apply(result: Any, found: list[Candidate], *, dtype_failed: bool = False) ->
     best = found[0]
     also = f" (equivalently: {'; '.join(c.label for c in found[1:])})" if len(found) > 1 else ""
     result.diagnosis = best.label
+    result.convention = dict(best.change)
     if best.kind in ("convention", "dialect") and not dtype_failed:
         result.verdict = "CONVENTION"
         result.message = f"matches the oracle with {best.label}{also} instead of the declared dialect"

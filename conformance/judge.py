@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,10 +18,10 @@ import numpy as np
 import reference
 from conformance import tolerance
 from conformance.adapters import Request
-from conformance.dtypes import is_half, round_to
+from conformance.dtypes import is_half, name_of, round_to
 
-__all__ = ["Step", "baseline", "expected_and_bounds", "flatten_response", "judge", "oracle", "pack",
-           "status", "unpack"]
+__all__ = ["Estimate", "Step", "baseline", "estimate", "expected_and_bounds", "flatten_response", "judge",
+           "oracle", "pack", "status", "unpack"]
 
 READ = ("in.", "state.", "ct.")
 
@@ -97,33 +97,63 @@ def exact_quantities(op: reference.Op) -> set[str]:
     return {f"state.{t.name}" for t in op.spec.state if t.exact}
 
 
-def expected_and_bounds(
+@dataclass
+class Estimate:
+    """The oracle's quantities at one step and what their bounds are made of: the sensitivities
+    and the float32 baseline's errors (so bounds for another dtype need no new evaluation)."""
+
+    expected: dict[str, np.ndarray]
+    sens: dict[str, np.ndarray]
+    baseline_error: dict[str, np.ndarray | None]
+    n: int
+    scale: float             # the largest finite magnitude the step reads or computes
+    of_exact_inputs: bool    # a function of exact inputs only (a schedule of the step count)
+
+    def bounds(self, dtype: str, values: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The bounds in ``dtype``; with ``values`` (another candidate's quantities), the bounds
+        those values would get from the same sensitivities (a cheap first look for the diagnosis)."""
+        bounds = {}
+        for key, value in (values or self.expected).items():
+            if key not in self.sens:
+                continue
+            b = tolerance.bound(value, self.sens[key], dtype, self.n, self.baseline_error.get(key))
+            if not np.any(value) and not np.any(self.sens[key]):
+                b = np.maximum(b, tolerance.structural_zero_floor(dtype, self.scale))
+            elif self.of_exact_inputs and np.size(value) and np.all(np.isfinite(value)):
+                # A function of exact inputs (a schedule of the step count): a handful of flops on
+                # quantities the size of its largest value (init - end, 1 + cos(pi t/T)), so every
+                # element carries a few roundings of that size, not of its own (0 at the end of a
+                # decay, 1e-6 at the start of a warm-up).
+                peak = float(np.max(np.abs(value)))
+                b = np.maximum(b, tolerance.structural_zero_floor(dtype, peak))
+            bounds[key] = b
+        return bounds
+
+
+def estimate(
     op: reference.Op, hp: dict[str, Any], arrays: dict[str, np.ndarray], request: Request, n: int,
     seed: int,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The oracle's quantities under ``hp`` and their bounds in ``request.dtype``."""
+) -> Estimate:
+    """The oracle's quantities under ``hp``, their sensitivities and the float32 baseline's errors."""
     evaluate = oracle(op, hp, gradients=request.cotangents is not None)
     expected = evaluate(arrays)
     exact = _exact_keys(op)
     sens = tolerance.sensitivity(evaluate, arrays, seed=seed, center=expected,
                                  groups={key: (None if key in exact else key) for key in arrays},
-                                 coherent=is_half(request.dtype))
+                                 coherent=is_half(request.dtype), counters=exact_quantities(op))
     base = baseline(request, hp, arrays)
-    bounds = {}
-    for key, value in expected.items():
-        bounds[key] = tolerance.bound(value, sens[key], request.dtype, n, _error(base.get(key), value))
-    scale = tolerance.largest_finite([*expected.values(), *arrays.values()])
-    for key, value in expected.items():
-        if not np.any(value) and not np.any(sens[key]):
-            bounds[key] = np.maximum(bounds[key], tolerance.structural_zero_floor(request.dtype, scale))
-        elif not op.spec.differentiable and np.size(value) and np.all(np.isfinite(value)):
-            # A function of exact inputs (a schedule of the step count): a handful of flops on
-            # quantities the size of its largest value (init - end, 1 + cos(pi t/T)), so every
-            # element carries a few roundings of that size, not of its own (0 at the end of a
-            # decay, 1e-6 at the start of a warm-up).
-            peak = float(np.max(np.abs(value)))
-            bounds[key] = np.maximum(bounds[key], tolerance.structural_zero_floor(request.dtype, peak))
-    return expected, bounds
+    return Estimate(expected, sens, {key: _error(base.get(key), value) for key, value in expected.items()},
+                    n, tolerance.largest_finite([*expected.values(), *arrays.values()]),
+                    not op.spec.differentiable)
+
+
+def expected_and_bounds(
+    op: reference.Op, hp: dict[str, Any], arrays: dict[str, np.ndarray], request: Request, n: int,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The oracle's quantities under ``hp`` and their bounds in ``request.dtype``."""
+    est = estimate(op, hp, arrays, request, n, seed)
+    return est.expected, est.bounds(request.dtype)
 
 
 def _error(approx: Any, value: np.ndarray) -> np.ndarray | None:
@@ -143,9 +173,11 @@ def judge(
     skip: Iterable[str] = (),
     exact: Iterable[str] = (),
     check_dtypes: bool = True,
+    state_dtype: str | None = None,
 ) -> list[tolerance.Comparison]:
     """Every expected quantity compared (``skip``: not compared; ``exact``: counters, whose dtype
-    is free); ``check_dtypes`` also FAILs arrays returned in the wrong dtype."""
+    is free); ``check_dtypes`` also FAILs arrays returned in the wrong dtype (state may come in
+    ``state_dtype``, the adapter's declared ``OpSupport.state_dtype``)."""
     skipped, counters = set(skip), tuple(exact)
     comps = []
     for key in sorted(expected):
@@ -157,7 +189,9 @@ def judge(
             continue
         comp = tolerance.compare(key, actual[key], expected[key], bounds[key], dtype)
         if check_dtypes and not any(key == c or key.startswith(c + "/") for c in counters):
-            comp = tolerance.check_dtype(comp, actual[key], dtype)
+            declared = state_dtype if key.startswith("state.") and state_dtype else dtype
+            if name_of(actual[key]) != declared:
+                comp = tolerance.check_dtype(comp, actual[key], dtype)
         comps.append(comp)
     return comps
 
@@ -191,12 +225,10 @@ class Step:
     seed: int
     skip: tuple[str, ...] = ()
     exact: tuple[str, ...] = field(default_factory=tuple)
+    estimate: Estimate | None = None     # normalizer steps: to bound the same results in another dtype
 
     def rejudge(self, expected: dict[str, np.ndarray], bounds: dict[str, np.ndarray] | None = None,
                 dtype: str | None = None) -> list[tolerance.Comparison]:
         """The recorded results against other expected values (and bounds, dtype): values only."""
         return judge(self.actual, expected, self.bounds if bounds is None else bounds,
                      dtype or self.dtype, skip=self.skip, exact=self.exact, check_dtypes=False)
-
-    def in_dtype(self, dtype: str) -> Request:
-        return replace(self.request, dtype=dtype)

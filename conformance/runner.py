@@ -98,6 +98,8 @@ class CaseResult:
     worst: str = ""
     step: int = -1
     diagnosis: str = ""
+    #: the knob values of the diagnosis (a CONVENTION's, or a value the adapter ignored)
+    convention: dict[str, Any] = field(default_factory=dict)
     message: str = ""
     #: ERROR only: raised | exit | timeout | aborted | nonfinite | shape | missing | harness
     error_kind: str = ""
@@ -304,7 +306,8 @@ def _run_steps(
         request = Request(planned.op, dtype, round_to(inputs, dtype),
                           round_to(state_d, dtype) if stateful else None, dict(hp_k),
                           round_to(cts, dtype) if cts else None)
-        expected, bounds = judge.expected_and_bounds(op, hp_k, arrays, request, n, planned.seed)
+        est = judge.estimate(op, hp_k, arrays, request, n, planned.seed)
+        expected, bounds = est.expected, est.bounds(dtype)
         result.seconds_oracle += time.perf_counter() - t0
         layout = next((t[len("layout:"):] for t in planned.case.tags if t.startswith("layout:")), None)
         response = _evaluate(adapter, planned.op, _with_layout(request, layout) if layout else request,
@@ -313,9 +316,10 @@ def _run_steps(
             return
         actual = judge.flatten_response(response)
         skip = tuple(support.not_kept_keys(sup, expected))
-        comps = judge.judge(actual, expected, bounds, dtype, skip=skip, exact=exact)
+        comps = judge.judge(actual, expected, bounds, dtype, skip=skip, exact=exact,
+                            state_dtype=sup.state_dtype)
         history.append(judge.Step(hp_k, dtype, arrays, actual, bounds, comps, request, n, planned.seed,
-                                  skip, exact))
+                                  skip, exact, est))
         if trace is not None:
             trace.append({"step": k, "hparams": hp_k, "arrays": arrays, "expected": expected,
                           "actual": actual, "bounds": bounds, "comparisons": comps})
@@ -325,7 +329,7 @@ def _run_steps(
     _summarize(result, history)
     if result.verdict == "FAIL" and diagnose_fail:
         _diagnose(result, planned.op, history[0].hp, sup, _step_explainer(op, history),
-                  _step_precision(op, history), history)
+                  _step_precision(history), history)
 
 
 def _step_explainer(op: reference.Op, history: list[judge.Step]) -> diagnose.Explains:
@@ -345,6 +349,9 @@ def _step_explainer(op: reference.Op, history: list[judge.Step]) -> diagnose.Exp
             if verdict in ("FAIL", "ERROR"):
                 if verdict == "ERROR" or judge.worst_ratio(comps) > diagnose.RECHECK_RATIO:
                     return None  # far off even allowing for the other candidate's magnitudes
+                first_look = s.estimate.bounds(s.dtype, expected) if s.estimate is not None else None
+                if first_look and judge.worst_ratio(s.rejudge(expected, first_look)) > diagnose.FIRST_LOOK_RATIO:
+                    return None
                 _, bounds = judge.expected_and_bounds(op, hp, s.arrays, s.request, s.n, s.seed)
                 verdict = judge.status(s.rejudge(expected, bounds))
                 if verdict in ("FAIL", "ERROR"):
@@ -356,14 +363,15 @@ def _step_explainer(op: reference.Op, history: list[judge.Step]) -> diagnose.Exp
     return explains
 
 
-def _step_precision(op: reference.Op, history: list[judge.Step]) -> Callable[[str], float | None]:
-    """Re-judge the recorded steps against the bounds of a lower precision."""
+def _step_precision(history: list[judge.Step]) -> Callable[[str], float | None]:
+    """Re-judge the recorded steps against the bounds of a lower precision (from the same
+    sensitivities and baseline errors: only the dtype's unit roundoffs change)."""
 
     def judge_in(dtype: str) -> float | None:
         worst = 0.0
         for s in history:
-            expected, bounds = judge.expected_and_bounds(op, s.hp, s.arrays, s.in_dtype(dtype), s.n, s.seed)
-            comps = s.rejudge(expected, bounds, dtype)
+            assert s.estimate is not None
+            comps = s.rejudge(s.estimate.expected, s.estimate.bounds(dtype), dtype)
             if judge.status(comps) in ("FAIL", "ERROR"):
                 return None
             worst = max(worst, judge.worst_ratio(comps))
@@ -375,7 +383,10 @@ def _step_precision(op: reference.Op, history: list[judge.Step]) -> Callable[[st
 def _diagnose(result: CaseResult, op: str, hp: dict[str, Any], sup: OpSupport,
               explains: diagnose.Explains, precision: Callable[[str], float | None],
               history: list[Any]) -> None:
-    dtype_failed = any(c.kind == "dtype" for s in history for c in s.comparisons)
+    failing = [c for s in history for c in s.comparisons if c.status in ("fail", "error")]
+    if failing and all(c.kind == "dtype" and c.ratio <= 1.0 for c in failing):
+        return  # the values agree: only the dtype is wrong, and the message says which
+    dtype_failed = any(c.kind == "dtype" for c in failing)
     found = diagnose.search(op, hp, explains, hparam_dtype=sup.hparam_dtype)
     diagnose.apply(result, found, dtype_failed=dtype_failed)
     if result.verdict == "FAIL" and not (found and found[0].kind == "hparam_precision"):
@@ -436,6 +447,7 @@ class _Trajectory:
     initial: dict[str, np.ndarray]   # rounded initial parameters {path: w} (float64)
     hp: dict[str, Any]               # the hyper-parameters with the base lr (schedule: multipliers)
     hparam_dtype: str = "float64"    # the precision the adapter keeps float hyper-parameters in
+    state_dtype: str | None = None   # the adapter's declared OpSupport.state_dtype
 
     def hps(self, hp: dict[str, Any], transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
             ) -> list[dict[str, Any]]:
@@ -474,7 +486,8 @@ class _Trajectory:
         arrays = judge.pack(widen(step.request.inputs), widen(step.request.state or {}), None)
         return trajectory.judge_own_step(self.op, hp, arrays, step.actual, dtype, step.n, step.seed,
                                          self.baseline(dtype), judge.oracle(self.op, hp), skip=step.skip,
-                                         exact=step.exact, check_dtypes=check_dtypes)
+                                         exact=step.exact, check_dtypes=check_dtypes,
+                                         state_dtype=self.state_dtype)
 
 
 def _run_trajectory(
@@ -490,7 +503,8 @@ def _run_trajectory(
     run = _Trajectory(op, dtype, planned.seed, steps,
                       trajectory.schedule_multipliers(trajectory.tag(case, "schedule", "constant"), steps),
                       trajectory.source_of(case),
-                      {k[len("params/"):]: v for k, v in widen(rounded).items()}, hp, sup.hparam_dtype)
+                      {k[len("params/"):]: v for k, v in widen(rounded).items()}, hp, sup.hparam_dtype,
+                      sup.state_dtype)
     n = max(int(v.size) for v in run.initial.values())
     params = round_to(run.initial, dtype)
     state: dict[str, np.ndarray] | None = None
@@ -521,7 +535,8 @@ def _run_trajectory(
         skip = tuple(support.not_kept_keys(sup, ostep.expected))
         step = judge.Step(ostep.hp, dtype, ostep.arrays, actual, ostep.bounds, [], request, n,
                           planned.seed + k, skip, exact)
-        free = judge.judge(actual, ostep.expected, ostep.bounds, dtype, skip=skip, exact=exact)
+        free = judge.judge(actual, ostep.expected, ostep.bounds, dtype, skip=skip, exact=exact,
+                           state_dtype=sup.state_dtype)
         step.comparisons = _trajectory_step(free, lambda s=step, h=ostep.hp: run.own_step(s, h))
         comps = step.comparisons
         history.append(step)

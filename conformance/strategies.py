@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 
 import reference
 from conformance.cases import Case, default_cases
-from conformance.runner import LAYOUT_KNOBS, REALISTIC_SIZE, PlannedCase
+from conformance.diagnose import LAYOUT_KNOBS
+from conformance.planning import REALISTIC_SIZE, PlannedCase
 
 __all__ = ["cases", "hparam_values"]
 

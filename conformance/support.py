@@ -73,6 +73,9 @@ def _validate_one(where: str, spec: Any, sup: OpSupport) -> None:
     if sup.hparam_dtype not in DTYPES:
         raise ConfigurationError(f"{where}: hparam_dtype must be one of {', '.join(DTYPES)}, "
                                  f"got {sup.hparam_dtype!r}")
+    if sup.state_dtype is not None and sup.state_dtype not in DTYPES:
+        raise ConfigurationError(f"{where}: state_dtype must be None or one of {', '.join(DTYPES)}, "
+                                 f"got {sup.state_dtype!r}")
     if not isinstance(sup.gradients, bool):
         raise ConfigurationError(f"{where}: gradients must be True or False, got {sup.gradients!r}")
     for knob, value in sup.dialect.items():

@@ -34,9 +34,9 @@ One probe reads |sum_j c_j r_j|, a draw of |N(0, sum c_j^2)|: below a tenth of i
 with probability 8%.  For a quantity of many elements the RMS floor below averages that away; a
 scalar (spectral norm's sigma) or a two-element vector has nothing to average over, and single
 probes under-read sigma's sensitivity 40-250 times in a few seeds of 200.  So every quantity is
-read by at least ``PROBED_ELEMENTS`` = 8 draws: ``ceil(8 / size)`` probes per step, combined as
-their root mean square (below a tenth of the typical size with probability ~1e-8, a chi
-distribution with 8 degrees of freedom), which estimates the same typical size as one probe
+read by at least ``PROBED_ELEMENTS`` = 4 draws: ``ceil(4 / size)`` probes per step, combined as
+their root mean square (below a fortieth of the typical size with probability ~1e-6, a chi
+distribution with 4 degrees of freedom), which estimates the same typical size as one probe
 without its heavy lower tail.  Sign directions (the optimizers: an elementwise step reads
 |J_ii||a_i| exactly) are also moved the other way at the first step, since a kink or a jump (a
 sign, a maximum, a clip) may sit on one side only.
@@ -102,7 +102,7 @@ a crash.  A returned array in another dtype than the request's (:func:`check_dty
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +124,7 @@ __all__ = [
 K = 4.0
 RELATIVE_STEPS = (2.0**-20, 2.0**-44)
 #: Every quantity's sensitivity is read by at least this many Gaussian draws (:func:`_probe_count`).
-PROBED_ELEMENTS = 8
+PROBED_ELEMENTS = 4
 MISTRUST_FRACTION = 0.25
 
 
@@ -137,6 +137,7 @@ def sensitivity(
     groups: dict[str, str | None] | None = None,
     directions: str = "gaussian",
     coherent: bool = False,
+    counters: Iterable[str] = (),
 ) -> dict[str, np.ndarray]:
     """Per-element first-order change of each quantity under relative perturbations of ``arrays``.
 
@@ -155,7 +156,7 @@ def sensitivity(
     rng = np.random.default_rng([seed, 0x5E45])
     center = evaluate(arrays) if center is None else center
     total = {key: np.zeros(np.shape(v)) for key, v in center.items()}
-    probes = _probe_count(center) if directions == "gaussian" else 1
+    probes = _probe_count(center, counters) if directions == "gaussian" else 1
     for members in _probe_groups(arrays, groups):
         best = {key: np.zeros(np.shape(v)) for key, v in center.items()}
         for e in RELATIVE_STEPS:
@@ -202,16 +203,18 @@ def _rms_of(reads: list[np.ndarray]) -> np.ndarray:
     return top * np.sqrt(np.mean((stacked / safe) ** 2, axis=0))
 
 
-def _probe_count(center: dict[str, np.ndarray]) -> int:
+def _probe_count(center: dict[str, np.ndarray], counters: Iterable[str] = ()) -> int:
     """Gaussian probes per step: enough that every quantity is read by ``PROBED_ELEMENTS`` draws.
 
     One probe reads |sum_i c_i r_i|, a |N(0, sum c_i^2)| draw: below a tenth of its typical size
     with probability 8%.  The RMS floor over a quantity's elements averages that away for
     quantities of many elements; a scalar (spectral norm's sigma) or a two-element vector has no
     such average, so it gets ``ceil(PROBED_ELEMENTS / size)`` probes, whose root mean square is
-    below a tenth of the typical size with probability ~1e-8 (chi with 8 degrees of freedom).
+    below a fortieth of the typical size with probability ~1e-6 (chi with 4 degrees of freedom).
+    ``counters`` (computed quantities that are exact counts, such as a step count) do not count.
     """
-    sizes = [int(np.size(v)) for v in center.values() if np.size(v)]
+    exact = set(counters)
+    sizes = [int(np.size(v)) for k, v in center.items() if np.size(v) and k not in exact]
     return max(1, math.ceil(PROBED_ELEMENTS / min(sizes, default=PROBED_ELEMENTS)))
 
 

@@ -256,8 +256,16 @@ def adapter_steps(adapter: Any, name: str, hp: dict[str, Any], rng: np.random.Ge
         inputs.update(out)
 
 
-def assert_adapter_agrees(got: Any, out: dict[str, Any], state: dict[str, Any], tol: float = 1e-12) -> None:
-    """The adapter's result has the oracle's state slots, and each output and slot within ``tol``."""
+def kept(state: dict[str, Any], not_kept: tuple[str, ...]) -> dict[str, Any]:
+    """The flat state without the slots a framework declares not kept (``OpSupport.not_kept``)."""
+    return {k: v for k, v in state.items() if k.split("/", 1)[0] not in not_kept}
+
+
+def assert_adapter_agrees(got: Any, out: dict[str, Any], state: dict[str, Any], tol: float = 1e-12,
+                          not_kept: tuple[str, ...] = ()) -> None:
+    """The adapter's result has the oracle's state slots (but those it does not keep), and each
+    output and slot within ``tol``."""
+    state = kept(state, not_kept)
     assert set(got.state) == set(state)
     for key, value in {**out, **state}.items():
         actual = got.outputs.get(key, got.state.get(key))
@@ -272,6 +280,7 @@ def adapter_trajectory(adapter: Any, name: str, hp: dict[str, Any], params: Tree
     from conformance.adapters import Request
 
     op = reference.get(name)
+    not_kept = adapter.ops()[name].not_kept
     ours = {f"params/{p}": v for p, v in params.items()}
     state_ours = op.init_state(ours, **hp)
     theirs, state_theirs = dict(params), dict(state_ours)
@@ -281,8 +290,12 @@ def adapter_trajectory(adapter: Any, name: str, hp: dict[str, Any], params: Tree
         ours = {k: np.asarray(v) for k, v in out.items()}
         r = adapter.evaluate(name, Request(name, "float64", flat(theirs, g), state_theirs, step_hp, None))
         theirs = {p: np.asarray(r.outputs[f"params/{p}"]) for p in params}
-        state_theirs = {k: np.asarray(v) for k, v in r.state.items()}
-        yield theirs, state_theirs, {p: ours[f"params/{p}"] for p in params}, state_ours
+        assert set(r.state) == set(kept(state_ours, not_kept))
+        # What the framework does not keep is supplied, as the harness does (OpSupport.not_kept).
+        supplied = {k: v for k, v in state_ours.items() if k not in kept(state_ours, not_kept)}
+        state_theirs = {**supplied, **{k: np.asarray(v) for k, v in r.state.items()}}
+        yield theirs, kept(state_theirs, not_kept), {p: ours[f"params/{p}"] for p in params}, \
+            kept(state_ours, not_kept)
 
 
 def harness_inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -153,7 +153,7 @@ def test_cli_check_exit_codes_and_outputs(tmp_path, capsys):
     [
         (["check", "no_such_adapter_xyz"], "unknown adapter 'no_such_adapter_xyz'"),
         (["check", "numpy32", "--dtypes", "float8"], "unknown dtype 'float8'"),
-        (["check", "numpy32", "--ops", "^nothing$"], "matches no op"),
+        (["check", "numpy32", "--ops", "^nothing$"], "matches no registered op"),
         (["check", "numpy32", "--shard", "3/2"], "--shard"),
         (["check", "numpy32", "--profile", "slow"], "invalid choice"),
         (["repro", "not-an-id"], "ADAPTER:OP:DTYPE:CASE:SEED"),

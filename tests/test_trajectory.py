@@ -73,7 +73,8 @@ def test_a_correct_float32_step_passes_every_default_case():
 
 def test_the_accumulated_bound_is_needed_over_long_trajectories(monkeypatch):
     """200 float32 steps of a correct SGD: the single-step bounds alone are exceeded (errors
-    accumulate); with the propagated term the trajectory passes."""
+    accumulate: the free-running comparison leaves them after step 20, and only the check from the
+    adapter's own state keeps the case from FAILing); with the propagated term it passes."""
     adapter = _Float32Oracle()
     planned = [p for p in _plan(adapter, "sgd", profile="thorough") if p.name == "momentum_fixed"]
     with_propagation = runner.run(adapter, planned, profile="thorough")[0]
@@ -81,7 +82,60 @@ def test_the_accumulated_bound_is_needed_over_long_trajectories(monkeypatch):
     monkeypatch.setattr(trajectory, "propagate",
                         lambda *a, center, **k: {key: np.zeros(np.shape(v)) for key, v in center.items()})
     local_only = runner.run(adapter, planned, profile="thorough")[0]
-    assert local_only.verdict == "FAIL" and local_only.step > 20, local_only.message
+    assert local_only.verdict == "MISTRUSTED" and local_only.step > 20, local_only.message
+    assert "left its propagated bound" in local_only.message
+
+
+class _WrongFromStep(_Float32Oracle):
+    """Correct until ``start``, then every update ``factor`` times too long: a wrong step, late."""
+
+    name = "late"
+
+    def __init__(self, start: int, dtype: str = "float32", factor: float = 1.001) -> None:
+        self.start, self.dtype, self.factor = start, dtype, factor
+
+    def ops(self):
+        return {op: OpSupport(dialect={}, dtypes=(self.dtype,)) for op in reference.ops("optimizers")}
+
+    def evaluate(self, op, request):
+        response = super().evaluate(op, request)
+        if float(request.state.get("step", 0)) >= self.start:
+            for key, new in response.outputs.items():
+                old = np.asarray(request.inputs[key], dtype=np.float64)
+                moved = old + (np.asarray(new, dtype=np.float64) - old) * self.factor
+                response.outputs[key] = moved.astype(np.asarray(new).dtype)
+        return response
+
+
+def test_a_wrong_step_fails_after_the_trajectory_left_its_bound(monkeypatch):
+    """With the free-running bound out of the way (no propagation), every step is judged from the
+    adapter's own state: a step that goes wrong late still FAILs, at that step."""
+    monkeypatch.setattr(trajectory, "propagate",
+                        lambda *a, center, **k: {key: np.zeros(np.shape(v)) for key, v in center.items()})
+    adapter = _WrongFromStep(150)
+    planned = [p for p in _plan(adapter, "sgd", profile="thorough") if p.name == "momentum_fixed"]
+    result = runner.run(adapter, planned, profile="thorough")[0]
+    assert result.verdict == "FAIL" and result.step >= 150, result.message
+    first = next(line for line in result.comparisons if "[fail]" in line)
+    assert first.startswith("step 150:"), first
+    assert "judged from the adapter's own parameters and state" in result.message
+
+
+def test_float16_trajectories_of_a_correct_step_are_never_fail():
+    """The same-precision baseline in float16 on the cases whose free-running bound it once exceeded
+    (AdamP's projection threshold, AdaGrad's second moment at the subnormal floor, Lion's sign):
+    MISTRUSTED or PASS; the same step made 50% long from step 5 on FAILs (a 0.1% longer update
+    is below float16's resolution of the parameters)."""
+    from conformance.adapters import load_adapter
+
+    numpy32 = load_adapter("numpy32")
+    for op, name in (("adamp", "grad-sparse@fixed_decay"), ("adagrad", "grad-tiny@fixed"),
+                     ("lion", "grad-tiny@fixed"), ("adamw", "grad-mixed_scales@fixed")):
+        case = runner.find_case(op, name, 0, "float16", "default")
+        assert runner.run_case(numpy32, case).verdict in ("PASS", "MISTRUSTED"), (op, name)
+    wrong = _WrongFromStep(5, "float16", factor=1.5)
+    case = runner.find_case("adamp", "grad-sparse@fixed_decay", 0, "float16", "default")
+    assert runner.run_case(wrong, case).verdict == "FAIL"
 
 
 def test_the_bound_grows_with_curvature_and_forgets_through_an_ema():

@@ -95,6 +95,11 @@ class OpSupport:
         State slots the framework does not keep (a batch counter, a step count): the harness
         supplies the oracle's value in every request and does not compare them; the report lists
         them as not compared.
+    ``state_dtype``
+        The dtype the framework keeps its state in for requests in a narrower dtype (Flax keeps
+        BatchNorm statistics and SpectralNorm's ``u`` as float32 variables for half-precision
+        data; mixed-precision recipes keep float32 running statistics): state returned in it is
+        not a dtype mismatch.  None: state comes back in the request's dtype, like everything.
     """
 
     dialect: dict[str, Any] = field(default_factory=dict)
@@ -103,6 +108,7 @@ class OpSupport:
     gradients: bool = True
     hparam_dtype: str = "float64"
     not_kept: tuple[str, ...] = ()
+    state_dtype: str | None = None
 
 
 @dataclass

@@ -85,6 +85,9 @@ __all__ = ["DIALECTS", "JaxAdapter", "make_adapter"]
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 #: State Flax does not keep (supplied by the harness, not compared): BatchNorm has no batch counter.
 NOT_KEPT: dict[str, tuple[str, ...]] = {"batch_norm": ("num_batches_tracked",)}
+#: Flax keeps BatchNorm's batch_stats and SpectralNorm's u (and so the v derived from it) as float32
+#: variables for half-precision data (module docstring, "State and precision").
+STATE_DTYPE: dict[str, str] = {"batch_norm": "float32", "spectral_norm": "float32"}
 
 #: Convention knobs per op, from the specs' ``flax`` dialect tables (``nfnets`` for weight
 #: standardization).  Layout/mode switches and numeric values are deliberately absent.
@@ -174,7 +177,8 @@ class JaxAdapter:
 
     def ops(self) -> dict[str, OpSupport]:
         found = {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=APIS[op],
-                               not_kept=NOT_KEPT.get(op, ())) for op in DIALECTS}
+                               not_kept=NOT_KEPT.get(op, ()), state_dtype=STATE_DTYPE.get(op))
+                 for op in DIALECTS}
         for ext in self._extensions():
             found.update({op: OpSupport(dialect=dict(ext.DIALECTS.get(op, {})),
                                         dtypes=tuple(ext.DTYPES.get(op, DTYPES)), api=ext.API.get(op, ""),
