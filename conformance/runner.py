@@ -350,7 +350,8 @@ def _step_explainer(op: reference.Op, history: list[judge.Step]) -> diagnose.Exp
                 if verdict == "ERROR" or judge.worst_ratio(comps) > diagnose.RECHECK_RATIO:
                     return None  # far off even allowing for the other candidate's magnitudes
                 first_look = s.estimate.bounds(s.dtype, expected) if s.estimate is not None else None
-                if first_look and judge.worst_ratio(s.rejudge(expected, first_look)) > diagnose.FIRST_LOOK_RATIO:
+                if first_look and judge.worst_ratio(s.rejudge(expected, first_look)) > \
+                        diagnose.FIRST_LOOK_RATIO:
                     return None
                 _, bounds = judge.expected_and_bounds(op, hp, s.arrays, s.request, s.n, s.seed)
                 verdict = judge.status(s.rejudge(expected, bounds))
