@@ -404,8 +404,8 @@ def _judge_finite(quantity: str, actual: np.ndarray, oracle: np.ndarray, bounds:
     """The ratio of error to bound over the ``judged`` elements (finite on both sides)."""
     if not np.any(judged):
         return Comparison(quantity, "ok", 0.0, 0.0, 0.0, 0.0, ())
-    err = np.where(judged, np.abs(actual - oracle), 0.0)
     with np.errstate(over="ignore", invalid="ignore"):
+        err = np.where(judged, np.abs(actual - oracle), 0.0)
         ratios = np.where(judged, err / bounds, 0.0)
     flat = int(np.argmax(ratios))
     index = tuple(int(i) for i in np.unravel_index(flat, oracle.shape))

@@ -444,8 +444,9 @@ def propagate(
                     with np.errstate(invalid="ignore", over="ignore"):
                         d = np.abs((np.asarray(moved[key]) - np.asarray(base)) * factor)
                     largest[key] = np.maximum(largest[key], np.where(np.isfinite(d), d, 0.0))
-            for key in squares:
-                squares[key] = squares[key] + largest[key] ** 2
+            with np.errstate(over="ignore"):  # an infinite effect is an infinite bound
+                for key in squares:
+                    squares[key] = squares[key] + largest[key] ** 2
         for key in total:
             total[key] = np.maximum(total[key], np.sqrt(squares[key]))
     return total

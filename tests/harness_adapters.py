@@ -8,6 +8,7 @@ import numpy as np
 
 from conformance.adapters import OpSupport, Request, Response, Unsupported
 from conformance.adapters.numpy32 import NumPy32Adapter
+from reference.normalizers._stats import expand_to
 
 
 class OracleAdapter(NumPy32Adapter):
@@ -265,3 +266,39 @@ class ExitingAdapter(_Faulty):
 
 def _cast(tree: dict[str, np.ndarray] | None, dtype: type) -> dict[str, np.ndarray] | None:
     return None if tree is None else {k: np.asarray(v).astype(dtype) for k, v in tree.items()}
+
+
+class HalfStatisticsLayerNorm(OracleAdapter):
+    """LayerNorm as PyTorch's CPU kernels compute half-precision data: float32 arithmetic, but the
+    mean and 1/std the backward reads are saved in the half type (bit-for-bit torch's bfloat16
+    backward on twelve-decade data).  A design the error model must accept."""
+
+    name = "halfstats"
+
+    def ops(self) -> dict[str, OpSupport]:
+        return {"layer_norm": OpSupport({}, ("float16", "bfloat16"))}
+
+    def evaluate(self, op: str, request: Request) -> Response:
+        with np.errstate(all="ignore"):  # the non-finite family: NaN stays where the oracle has it
+            return self._evaluate(op, request)
+
+    def _evaluate(self, op: str, request: Request) -> Response:
+        response = super().evaluate(op, request)
+        hp = request.hparams
+        x = np.asarray(request.inputs["x"], dtype=np.float32)
+        axes = tuple(sorted(a % x.ndim for a in hp["axes"]))
+        store = np.asarray(request.inputs["x"]).dtype
+
+        def half(v: np.ndarray) -> np.ndarray:
+            return np.asarray(v, np.float32).astype(store).astype(np.float32)
+
+        mean = x.mean(axis=axes, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+        mean, rstd = half(mean), half(1.0 / np.sqrt(var + np.float32(hp["eps"])))
+        xhat = (x - mean) * rstd
+        w = request.inputs.get("weight")
+        dy = np.asarray(request.cotangents["y"], dtype=np.float32)
+        g = dy * (expand_to(np.asarray(w, np.float32), x.ndim, axes) if w is not None else np.float32(1.0))
+        dx = rstd * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+        response.grads["x"] = dx.astype(store)
+        return response

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import harness_adapters as ha
+import reference
 from conformance import report, runner
 from conformance.cli import main
 from conformance.xfails import Xfails
@@ -22,13 +23,14 @@ def _run(adapter, ops="^(batch_norm|layer_norm)$", dtypes=("float64",), profile=
     return runner.run(adapter, planned, profile=profile, **kw)
 
 
-def test_the_oracle_itself_passes_everything_in_float64():
+@pytest.mark.parametrize("op", reference.ops())
+def test_the_oracle_itself_passes_everything_in_float64(op):
     """No false alarms: every op, every case, float64 — the error model accepts the oracle."""
-    results = _run(ha.OracleAdapter(), ops=None, dtypes=("float64",), profile="default")
+    results = _run(ha.OracleAdapter(), ops=f"^{op}$", dtypes=("float64",), profile="default")
     counts = Counter(r.verdict for r in results)
     bad = [r.id for r in results if r.verdict not in ("PASS", "MISTRUSTED", "SKIP")]
     assert not bad, bad
-    assert counts["PASS"] > 100
+    assert counts["PASS"] >= len(results) // 2
 
 
 def test_numpy32_baseline_has_no_fail_or_error_in_float32():

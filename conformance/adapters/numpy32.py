@@ -28,6 +28,12 @@ def _compute(value: np.ndarray) -> np.ndarray:
     return value
 
 
+def _stored(value: Any, store: Any) -> np.ndarray:
+    """A result rounded once to the storage dtype (beyond its range: inf, as a framework's)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(value).astype(store)
+
+
 def _raw(fn: Any) -> Any:
     """The undecorated oracle function (no float64 promotion)."""
     return getattr(fn, "__wrapped__", fn)
@@ -65,7 +71,7 @@ class NumPy32Adapter:
         store = request.inputs[next(iter(request.inputs))].dtype
 
         def out(tree: dict[str, Any]) -> dict[str, np.ndarray]:
-            return {k: np.asarray(v).astype(store) for k, v in tree.items()}
+            return {k: _stored(v, store) for k, v in tree.items()}
 
         return Response(outputs=out(outputs), state=out(new_state), grads=out(grads))
 
@@ -82,9 +88,9 @@ class NumPy32Adapter:
         flat = bound.flat_state(new_state)
         exact = {s.name for s in bound.spec.state if s.exact}
         return Response(
-            outputs={f"params/{p}": np.asarray(v).astype(store) for p, v in new_params.items()},
+            outputs={f"params/{p}": _stored(v, store) for p, v in new_params.items()},
             state={k: (np.asarray(v, dtype=np.float64) if k.split("/", 1)[0] in exact
-                       else np.asarray(v).astype(store)) for k, v in flat.items()})
+                       else _stored(v, store)) for k, v in flat.items()})
 
 
 def make_adapter() -> NumPy32Adapter:
