@@ -87,6 +87,11 @@ __all__ = ["GRADIENT_FAMILIES", "SCHEDULES", "GradientSource", "OracleStep", "it
            "judge_own_step", "judging_bounds", "local_bounds", "optimizer_cases", "oracle_trajectory",
            "propagate", "schedule_multipliers"]
 
+#: A flat float64 evaluation of one step (``in./state.`` -> ``outputs./state.``), and the float32
+#: same-formula baseline of a step under given hyper-parameters.
+Evaluate = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+Baseline = Callable[[dict[str, Any], dict[str, np.ndarray]], dict[str, np.ndarray]]
+
 #: Adversarial families of the fixed gradient source (see the module docstring).
 GRADIENT_FAMILIES = ("tiny", "huge", "zero_tensor", "sparse", "mixed_scales")
 SCHEDULES = ("constant", "drop", "warmup", "cosine", "one_cycle")
@@ -258,8 +263,8 @@ def iter_oracle_trajectory(
     source: GradientSource,
     dtype: str,
     seed: int,
-    baseline: Callable[[dict[str, Any], dict[str, np.ndarray]], dict[str, np.ndarray]],
-    evaluate_for: Callable[[dict[str, Any]], Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]],
+    baseline: Baseline,
+    evaluate_for: Callable[[dict[str, Any]], Evaluate],
     *,
     with_bounds: bool = True,
     bound_dtype: str | None = None,
@@ -314,7 +319,7 @@ def iter_oracle_trajectory(
 
 def local_bounds(
     op: reference.Op,
-    evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    evaluate: Evaluate,
     arrays: dict[str, np.ndarray],
     expected: dict[str, np.ndarray],
     base: dict[str, np.ndarray],
@@ -357,8 +362,8 @@ def judge_own_step(
     dtype: str,
     n: int,
     seed: int,
-    baseline: Callable[[dict[str, Any], dict[str, np.ndarray]], dict[str, np.ndarray]],
-    evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    baseline: Baseline,
+    evaluate: Evaluate,
     **judging: Any,
 ) -> list[tolerance.Comparison]:
     """The adapter's step judged against the exact step map from its *own* inputs
