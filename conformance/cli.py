@@ -221,6 +221,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from conformance.support import ConfigurationError
 
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes:
+        return _usage_error("check", "--dtypes names no dtype; choose from float64,float32,float16,bfloat16")
     try:
         shard = _parse_shard(args.shard)
         for option, path in (("--json", args.json), ("--junit-xml", args.junit_xml),
