@@ -378,3 +378,18 @@ def test_vjp_without_cotangents_is_a_clear_error():
         op.vjp({"x": np.ones((2, 3))}, None, {})
     with pytest.raises(TypeError, match="has no VJP"):
         reference.get("adam").vjp({}, None, {"y": np.ones(1)})
+
+
+def test_the_pytest_plugin_fails_a_convention_unless_allowed(tmp_path):
+    (tmp_path / "flax_momentum.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(HERE)!r})\nimport harness_adapters as ha\n"
+        "ADAPTER = ha.FlaxMomentumAdapter()\n")
+    (tmp_path / "test_nothing.py").write_text("def test_placeholder():\n    pass\n")
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "conformance.pytest_plugin", "-p", "no:cacheprovider",
+            "--normref-adapter", str(tmp_path / "flax_momentum.py"), "--normref-ops", "^batch_norm$",
+            "--normref-dtypes", "float64", "--normref-profile", "quick", "--rootdir", str(tmp_path),
+            str(tmp_path)]
+    strict = subprocess.run(base, capture_output=True, text=True, cwd=tmp_path)
+    assert strict.returncode == 1 and "momentum_convention='old_weight'" in strict.stdout, strict.stdout[-2000:]
+    allowed = subprocess.run([*base, "--normref-allow-conventions"], capture_output=True, text=True, cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stdout[-2000:]

@@ -13,6 +13,7 @@ import harness_adapters as ha
 import reference
 from conformance import report, runner
 from conformance.cli import main
+from conformance.planning import REALISTIC_SIZE
 from conformance.xfails import Xfails
 
 HERE = Path(__file__).parent
@@ -25,8 +26,13 @@ def _run(adapter, ops="^(batch_norm|layer_norm)$", dtypes=("float64",), profile=
 
 @pytest.mark.parametrize("op", reference.ops())
 def test_the_oracle_itself_passes_everything_in_float64(op):
-    """No false alarms: every op, every case, float64 — the error model accepts the oracle."""
-    results = _run(ha.OracleAdapter(), ops=f"^{op}$", dtypes=("float64",), profile="default")
+    """No false alarms: every op, every case of the default profile but the realistic-size ones,
+    float64 — the error model accepts the oracle.  (Against itself the oracle is exact at any
+    size; a realistic case would only pay for its bound: the torch adapter's tests run them.)"""
+    adapter = ha.OracleAdapter()
+    planned = [p for p in runner.plan(adapter, ops=f"^{op}$", dtypes=("float64",), profile="default")
+               if p.case.size <= REALISTIC_SIZE]
+    results = runner.run(adapter, planned, profile="default")
     counts = Counter(r.verdict for r in results)
     bad = [r.id for r in results if r.verdict not in ("PASS", "MISTRUSTED", "SKIP")]
     assert not bad, bad
