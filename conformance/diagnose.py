@@ -223,14 +223,21 @@ def apply(result: Any, found: list[Candidate], *, dtype_failed: bool = False) ->
 LOWER = {"float64": ("float32",), "float32": ("float16", "bfloat16")}
 
 
+#: A lower precision explains a FAIL only if the errors are of its size: at least this fraction of
+#: its bound (a float32 computation's worst error is a sizable fraction of the float32 bound; a
+#: FAIL 2x over a float64 bound sits at 1e-8 of it and says nothing about float32).
+LOWER_PRECISION_SIZE = 0.01
+
+
 def lower_precisions(dtype: str, judge: Callable[[str], float | None]) -> tuple[str, float] | None:
-    """The first lower precision under whose bounds the FAIL disappears, with the worst ratio.
+    """The first lower precision under whose bounds the FAIL disappears and whose size the errors
+    have, with the worst ratio.
 
     ``judge(p)`` re-judges the recorded results against bounds computed for dtype ``p`` and returns
     the worst error/bound ratio, or None when something still FAILs or ERRORs.
     """
     for lower in LOWER.get(dtype, ()):
         ratio = judge(lower)
-        if ratio is not None:
+        if ratio is not None and ratio >= LOWER_PRECISION_SIZE:
             return lower, ratio
     return None

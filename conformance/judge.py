@@ -69,10 +69,12 @@ def oracle(op: reference.Op, hp: dict[str, Any], *, gradients: bool = True
     return evaluate
 
 
-def baseline(request: Request, hp: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def baseline(request: Request, hp: dict[str, Any], arrays: dict[str, np.ndarray], *,
+             saved_statistics: bool = False) -> dict[str, np.ndarray]:
     """The oracle's formulas evaluated in float32 (half types: float32 opmath, rounded once) on the
     values both sides read.  For a float64 case the float64 values are rounded to float32 here;
-    the bound scales this error from u(float32) down to u(float64)."""
+    the bound scales this error from u(float32) down to u(float64).  ``saved_statistics``: a
+    half-precision backward reads mean and 1/std rounded to the half type (PyTorch's CPU design)."""
     from conformance.adapters.numpy32 import NumPy32Adapter
 
     dtype = request.dtype if request.dtype != "float64" else "float32"
@@ -81,7 +83,7 @@ def baseline(request: Request, hp: dict[str, Any], arrays: dict[str, np.ndarray]
                   round_to(unpack(arrays, "ct."), dtype) if request.cotangents is not None else None)
     try:
         with np.errstate(all="ignore"):
-            return flatten_response(NumPy32Adapter().evaluate(request.op, req))
+            return flatten_response(NumPy32Adapter(saved_statistics).evaluate(request.op, req))
     except Exception:  # noqa: BLE001 - a failing baseline only removes its term from the bound
         return {}
 
@@ -108,6 +110,8 @@ class Estimate:
     n: int
     scale: float             # the largest finite magnitude the step reads or computes
     of_exact_inputs: bool    # a function of exact inputs only (a schedule of the step count)
+    #: per gradient, the size of the terms its VJP is formed from, |y| |ct| / |a| elementwise
+    terms: dict[str, np.ndarray] = field(default_factory=dict)
 
     def bounds(self, dtype: str, values: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The bounds in ``dtype``; with ``values`` (another candidate's quantities), the bounds
@@ -119,6 +123,8 @@ class Estimate:
             b = tolerance.bound(value, self.sens[key], dtype, self.n, self.baseline_error.get(key))
             if not np.any(value) and not np.any(self.sens[key]):
                 b = np.maximum(b, tolerance.structural_zero_floor(dtype, self.scale))
+                if key in self.terms:
+                    b = np.maximum(b, tolerance.structural_zero_floor(dtype, self.terms[key]))
             elif self.of_exact_inputs and np.size(value) and np.all(np.isfinite(value)):
                 # A function of exact inputs (a schedule of the step count): a handful of flops on
                 # quantities the size of its largest value (init - end, 1 + cos(pi t/T)), so every
@@ -140,11 +146,31 @@ def estimate(
     exact = _exact_keys(op)
     sens = tolerance.sensitivity(evaluate, arrays, seed=seed, center=expected,
                                  groups={key: (None if key in exact else key) for key in arrays},
-                                 coherent=is_half(request.dtype), counters=exact_quantities(op))
-    base = baseline(request, hp, arrays)
-    return Estimate(expected, sens, {key: _error(base.get(key), value) for key, value in expected.items()},
-                    n, tolerance.largest_finite([*expected.values(), *arrays.values()]),
-                    not op.spec.differentiable)
+                                 counters=exact_quantities(op))
+    # Half types: also the design that saves the statistics of the backward in the half type.
+    variants = (False, True) if is_half(request.dtype) and request.cotangents is not None else (False,)
+    bases = [baseline(request, hp, arrays, saved_statistics=v) for v in variants]
+    errors = {key: _largest(_error(b.get(key), value) for b in bases) for key, value in expected.items()}
+    scale = tolerance.largest_finite([*expected.values(), *arrays.values()])
+    return Estimate(expected, sens, errors, n, scale, not op.spec.differentiable, _terms(expected, arrays))
+
+
+def _terms(expected: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The size of the terms a gradient ``grads.a`` is formed from: |y| |ct| / |a| elementwise
+    (a partial derivative dy/da is of the size y/a), with the largest output and cotangent.
+
+    It matters where a gradient is exactly zero but its terms are not: the VJP of w = g v/||v||
+    with one element per norm is 0 (w = g sign(v)), computed as g/|v| (ct - v_hat (v_hat ct)),
+    whose terms grow as 1/|v| (see :func:`conformance.tolerance.structural_zero_floor`)."""
+    outputs = tolerance.largest_finite([v for k, v in expected.items() if k.startswith("outputs.")])
+    cotangents = tolerance.largest_finite(list(unpack(arrays, "ct.").values()))
+    terms = {}
+    for name, a in unpack(arrays, "in.").items():
+        key = f"grads.{name}"
+        if key in expected and np.shape(expected[key]) == np.shape(a):
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                terms[key] = outputs * cotangents / np.abs(np.asarray(a, dtype=np.float64))
+    return terms
 
 
 def expected_and_bounds(
@@ -154,6 +180,15 @@ def expected_and_bounds(
     """The oracle's quantities under ``hp`` and their bounds in ``request.dtype``."""
     est = estimate(op, hp, arrays, request, n, seed)
     return est.expected, est.bounds(request.dtype)
+
+
+def _largest(errors: Iterable[np.ndarray | None]) -> np.ndarray | None:
+    """The elementwise largest of the errors that exist (None if none does)."""
+    found = [e for e in errors if e is not None]
+    if not found:
+        return None
+    with np.errstate(invalid="ignore"):
+        return np.maximum.reduce(found) if len(found) > 1 else found[0]
 
 
 def _error(approx: Any, value: np.ndarray) -> np.ndarray | None:

@@ -170,19 +170,16 @@ def test_an_inf_where_the_exact_value_exceeds_the_range_is_not_a_fail():
 
 
 def test_a_half_type_statistic_is_accepted(monkeypatch):
-    """PyTorch's CPU design (mean and 1/std of a half-precision input saved in the half type) errs
-    coherently over a row: the coherent probes accept it; without them it FAILs (1.18x in torch)."""
+    """PyTorch's CPU design (mean and 1/std of a half-precision input saved in the half type for the
+    backward) is accepted through the second same-precision baseline; without it the random-probe
+    model under-allows it (torch: 1.18x on bfloat16 LayerNorm, 1.37x on float16 InstanceNorm)."""
     results = _run(ha.HalfStatisticsLayerNorm(), "^layer_norm$", dtypes=("float16", "bfloat16"),
                    profile="default")
     assert not [r.id for r in results if r.verdict in ("FAIL", "ERROR")]
-    from conformance import tolerance
+    from conformance import judge
 
-    plain = tolerance.sensitivity
-
-    def random_only(*args, **kwargs):
-        return plain(*args, **{**kwargs, "coherent": False})
-
-    monkeypatch.setattr(tolerance, "sensitivity", random_only)
+    plain = judge.baseline
+    monkeypatch.setattr(judge, "baseline", lambda *a, saved_statistics=False, **k: plain(*a, **k))
     cases = [c for c in runner.plan(ha.HalfStatisticsLayerNorm(), ops="^layer_norm$", dtypes=("bfloat16",))
              if c.name.startswith("adv-mixed_scales")]
     assert runner.run_case(ha.HalfStatisticsLayerNorm(), cases[0]).verdict == "FAIL"

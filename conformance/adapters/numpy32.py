@@ -11,6 +11,7 @@ baseline of the error model (conformance/tolerance.py).  Its dialect is the spec
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 import reference
 from conformance.adapters import OpSupport, Request, Response
 from conformance.dtypes import DTYPES
+from reference.normalizers._stats import statistics_saved_in
 
 
 def _compute(value: np.ndarray) -> np.ndarray:
@@ -40,7 +42,13 @@ def _raw(fn: Any) -> Any:
 
 
 class NumPy32Adapter:
+    """``saved_statistics``: a half-precision backward reads its mean and 1/std rounded to the
+    half type (the design of PyTorch's CPU kernels), for the error model's second baseline."""
+
     name = "numpy32"
+
+    def __init__(self, saved_statistics: bool = False) -> None:
+        self.saved_statistics = saved_statistics
 
     def info(self) -> dict[str, str]:
         return {"framework": "numpy", "version": np.__version__, "device": "cpu",
@@ -65,10 +73,12 @@ class NumPy32Adapter:
             else:
                 outputs = {t.name: v for t, v in zip(spec.outputs, outputs, strict=True)}
             grads = {}
+            store = request.inputs[next(iter(request.inputs))].dtype
             if request.cotangents is not None:
                 cts = {"d" + t.name: cotangents.get(t.name) for t in spec.outputs}
-                grads = dict(_raw(bound.vjp_function)(**cts, **arrays, **request.hparams))
-        store = request.inputs[next(iter(request.inputs))].dtype
+                saved = store if self.saved_statistics and store.itemsize < 4 else None
+                with (statistics_saved_in(saved) if saved is not None else contextlib.nullcontext()):
+                    grads = dict(_raw(bound.vjp_function)(**cts, **arrays, **request.hparams))
 
         def out(tree: dict[str, Any]) -> dict[str, np.ndarray]:
             return {k: _stored(v, store) for k, v in tree.items()}
