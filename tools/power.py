@@ -38,6 +38,7 @@ class Injected(NumPy32Adapter):
     name = "injected"
 
     def __init__(self, op: str, delta: float, dtypes: tuple[str, ...]) -> None:
+        super().__init__()
         self.op, self.delta, self.dtypes = op, delta, dtypes
 
     def ops(self) -> dict[str, OpSupport]:
