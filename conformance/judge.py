@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 import reference
-from conformance import tolerance
+from conformance import memo, tolerance
 from conformance.adapters import Request
 from conformance.dtypes import is_half, name_of, round_to
 
@@ -140,7 +140,16 @@ def estimate(
     op: reference.Op, hp: dict[str, Any], arrays: dict[str, np.ndarray], request: Request, n: int,
     seed: int,
 ) -> Estimate:
-    """The oracle's quantities under ``hp``, their sensitivities and the float32 baseline's errors."""
+    """The oracle's quantities under ``hp``, their sensitivities and the float32 baseline's errors
+    (computed once per process for the same reads: conformance/memo.py)."""
+    key = memo.digest("estimate", op.name, hp, arrays, request.dtype, request.cotangents is not None, n, seed)
+    return memo.estimate(key, lambda: _estimate(op, hp, arrays, request, n, seed))
+
+
+def _estimate(
+    op: reference.Op, hp: dict[str, Any], arrays: dict[str, np.ndarray], request: Request, n: int,
+    seed: int,
+) -> Estimate:
     evaluate = oracle(op, hp, gradients=request.cotangents is not None)
     expected = evaluate(arrays)
     exact = _exact_keys(op)

@@ -25,14 +25,14 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 import reference
-from conformance import diagnose, judge, support, tolerance, trajectory
+from conformance import diagnose, judge, memo, support, tolerance, trajectory
 from conformance.adapters import Adapter, OpSupport, Request, Unsupported
 from conformance.cases import FAMILIES, Case, as_layout, case_rng
 from conformance.dtypes import DTYPES, round_to, widen
@@ -463,12 +463,23 @@ class _Trajectory:
         """The oracle's trajectory under ``hp`` (each step's hyper-parameters through ``transform``),
         step by step (a generator); ``bound_dtype``: judge in another dtype than the run's."""
         hps = self.hps(hp, transform)
-        inputs = {f"params/{p}": v for p, v in self.initial.items()}
-        state0 = widen(round_to(self.op.init_state(inputs, **hps[0]), self.dtype))
         bounds_in = bound_dtype or self.dtype
-        return trajectory.iter_oracle_trajectory(
-            self.op, hps, self.initial, state0, self.source, self.dtype, self.seed, self.baseline(bounds_in),
-            lambda h: judge.oracle(self.op, h), with_bounds=with_bounds, bound_dtype=bounds_in)
+
+        def start() -> Iterator[trajectory.OracleStep]:
+            inputs = {f"params/{p}": v for p, v in self.initial.items()}
+            state0 = widen(round_to(self.op.init_state(inputs, **hps[0]), self.dtype))
+            return trajectory.iter_oracle_trajectory(
+                self.op, hps, self.initial, state0, self.source, self.dtype, self.seed,
+                self.baseline(bounds_in), lambda h: judge.oracle(self.op, h), with_bounds=with_bounds,
+                bound_dtype=bounds_in)
+
+        if transform is not None:
+            return start()  # a diagnosis candidate: looked at once
+        # The same trajectory for every adapter run on this case (conformance/memo.py).
+        source = self.source
+        key = memo.digest("trajectory", self.op.name, hps, self.initial, self.dtype, self.seed, bounds_in,
+                          with_bounds, source.kind, source.family, source.op, source.case, source.seed)
+        return memo.trajectory(key, start)
 
     def baseline(self, dtype: str) -> Callable[[dict[str, Any], dict[str, np.ndarray]],
                                                 dict[str, np.ndarray]]:

@@ -43,7 +43,8 @@ def test_the_catalogue_is_complete_and_well_formed():
             assert next(iter(expected_change(mutant))) in mutant.dialect, cls.__name__
 
 
-@pytest.mark.parametrize("cls", CATALOGUE, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [pytest.param(cls, id=cls.__name__, marks=pytest.mark.xdist_group(cls.op))
+                                 for cls in CATALOGUE])
 def test_every_optimizer_mutant_is_flagged(cls: type[OptimizerMutant]):
     mutant = cls()
     planned, results = run_mutant(mutant)
@@ -71,7 +72,7 @@ def _controls() -> list[Any]:
     for cls in CATALOGUE:
         key = (cls.op, tuple(sorted(cls.dialect.items())), cls.dtypes)
         seen.setdefault(key, OptimizerControl(cls.op, dict(cls.dialect), cls.dtypes))
-    return [pytest.param(c, id=c.op) for c in seen.values()]
+    return [pytest.param(c, id=c.op, marks=pytest.mark.xdist_group(c.op)) for c in seen.values()]
 
 
 @pytest.mark.parametrize("control", _controls())
