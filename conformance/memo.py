@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["Replay", "digest", "estimate", "trajectory"]
+__all__ = ["Replay", "clear", "digest", "estimate", "trajectory"]
 
 T = TypeVar("T")
 #: Entries of each kind kept (least recently used dropped first).
@@ -55,6 +55,12 @@ def digest(*parts: Any) -> str | None:
         return False  # callables and other objects: no faithful digest
 
     return h.hexdigest() if all(feed(p) for p in parts) else None
+
+
+def clear() -> None:
+    """Forget everything kept (e.g. after replacing a function the kept values were computed with)."""
+    _estimates.clear()
+    _trajectories.clear()
 
 
 def _remember(store: OrderedDict[str, Any], key: str, value: Any, limit: int) -> Any:

@@ -6,6 +6,7 @@
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -24,3 +25,17 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memo_when_patched(request):
+    """A test that monkeypatches the harness's computations must not be served values kept from
+    before the patch (conformance/memo.py), nor leave values computed under the patch behind."""
+    if "monkeypatch" not in request.fixturenames:
+        yield
+        return
+    from conformance import memo
+
+    memo.clear()
+    yield
+    memo.clear()

@@ -46,6 +46,8 @@ class NumPy32Adapter:
     half type (the design of PyTorch's CPU kernels), for the error model's second baseline."""
 
     name = "numpy32"
+    # A class default too: subclasses (user adapters built on this one) need not call __init__.
+    saved_statistics = False
 
     def __init__(self, saved_statistics: bool = False) -> None:
         self.saved_statistics = saved_statistics
