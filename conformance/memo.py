@@ -5,12 +5,14 @@ whole float64 trajectory with its accumulated bounds) reads only the case's roun
 hyper-parameters, the dtype and the seed, never the adapter.  Every adapter asked for the same
 case (a run over several adapters, a mutant catalogue against its control, a diagnosis looking at
 the declared hyper-parameters again) gets the same values, so they are kept, keyed by a digest of
-everything the computation reads.  Values that cannot be digested faithfully (a callable mask) and
-realistic-size cases (hundreds of MB of estimates) are not kept.
+everything the computation reads.  Values that cannot be digested faithfully (a callable mask) are
+not kept.  Estimates are kept up to a number and a size in bytes (a realistic-size case's estimate
+is about 100 MB: recomputing it costs about a second, holding every one would cost gigabytes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -23,8 +25,8 @@ __all__ = ["Replay", "clear", "digest", "estimate", "trajectory"]
 T = TypeVar("T")
 #: Entries of each kind kept (least recently used dropped first).
 ESTIMATES, TRAJECTORIES = 256, 64
-#: Cases with more elements than this in all their arrays are not kept.
-LARGEST = 200_000
+#: Bytes of arrays the kept estimates may hold together (least recently used dropped first).
+ESTIMATE_BYTES = 1 << 30
 
 _estimates: OrderedDict[str, Any] = OrderedDict()
 _trajectories: OrderedDict[str, Replay] = OrderedDict()
@@ -32,17 +34,15 @@ _trajectories: OrderedDict[str, Replay] = OrderedDict()
 
 def digest(*parts: Any) -> str | None:
     """A digest of arrays (dtype, shape and bytes), dicts, sequences and scalars; None when a part
-    cannot be digested faithfully (a callable) or the arrays are too large to keep."""
+    cannot be digested faithfully (a callable)."""
     h = hashlib.blake2b(digest_size=20)
-    size = [0]
 
     def feed(x: Any) -> bool:
         if isinstance(x, np.ndarray) or np.isscalar(x) and isinstance(x, np.generic):
             a = np.ascontiguousarray(x)
-            size[0] += a.size
             h.update(f"a{a.dtype.str}{a.shape}".encode())
             h.update(a.tobytes())
-            return size[0] <= LARGEST
+            return True
         if isinstance(x, dict):
             h.update(b"{")
             return all(feed(k) and feed(x[k]) for k in sorted(x, key=repr))
@@ -63,10 +63,25 @@ def clear() -> None:
     _trajectories.clear()
 
 
-def _remember(store: OrderedDict[str, Any], key: str, value: Any, limit: int) -> Any:
+def nbytes(value: Any) -> int:
+    """Bytes of the arrays in a value (arrays, dicts, sequences and dataclasses of them)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return 0
+
+
+def _remember(store: OrderedDict[str, Any], key: str, value: Any, limit: int,
+              max_bytes: int | None = None) -> Any:
     store[key] = value
     store.move_to_end(key)
-    while len(store) > limit:
+    while len(store) > limit or (max_bytes is not None and len(store) > 1
+                                 and sum(nbytes(v) for v in store.values()) > max_bytes):
         store.popitem(last=False)
     return value
 
@@ -78,7 +93,10 @@ def estimate(key: str | None, compute: Callable[[], T]) -> T:
     if key in _estimates:
         _estimates.move_to_end(key)
         return _estimates[key]
-    return _remember(_estimates, key, compute(), ESTIMATES)
+    value = compute()
+    if nbytes(value) > ESTIMATE_BYTES:
+        return value
+    return _remember(_estimates, key, value, ESTIMATES, ESTIMATE_BYTES)
 
 
 class Replay:

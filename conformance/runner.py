@@ -662,11 +662,13 @@ def run(
     progress: Callable[[int, int, CaseResult], None] | None = None,
     timeout: float | None = None,
     max_consecutive_timeouts: int = MAX_CONSECUTIVE_TIMEOUTS,
+    diagnose_fail: bool = True,
 ) -> list[CaseResult]:
     """Run every planned case; ``xfails`` (an :class:`~conformance.xfails.Xfails` or a
     ``{pattern: reason}`` dict) marks expected failures.  ``timeout``: seconds per adapter call
-    (default: the profile's).  After ``max_consecutive_timeouts`` timeouts in a row the adapter is
-    abandoned: its remaining cases are ERROR (``aborted``) and the run still returns every result."""
+    (default: the profile's); ``diagnose_fail``: as in :func:`run_case`.  After
+    ``max_consecutive_timeouts`` timeouts in a row the adapter is abandoned: its remaining cases
+    are ERROR (``aborted``) and the run still returns every result."""
     expected = xfails if isinstance(xfails, Xfails) else Xfails.from_dict(xfails or {})
     table = support.validate(adapter)
     results = []
@@ -678,7 +680,8 @@ def run(
                          "timeouts")
         else:
             try:
-                result = run_case(adapter, case, profile=profile, timeout=timeout, support_table=table)
+                result = run_case(adapter, case, profile=profile, timeout=timeout, support_table=table,
+                                  diagnose_fail=diagnose_fail)
             except Exception as exc:  # noqa: BLE001 - a harness fault must not lose the run
                 result = _new_result(adapter, case, table.get(case.op))
                 result.error("harness", f"harness error: {type(exc).__name__}: {exc}")

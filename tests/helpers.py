@@ -142,13 +142,34 @@ MUTANT_SEED = 0
 MUTANT_PROFILE = "default"
 
 
-def run_mutant(adapter: Any) -> tuple[list, list]:
+def run_mutant(adapter: Any, *, diagnose_fail: bool = True) -> tuple[list, list]:
     """Plan and run an adapter's one op exactly as ``normref check`` would (default profile, seed 0)."""
     from conformance import runner
 
     planned = runner.plan(adapter, ops=f"^{adapter.op}$", dtypes=list(adapter.dtypes), seed=MUTANT_SEED,
                           profile=MUTANT_PROFILE)
-    return planned, runner.run(adapter, planned, profile=MUTANT_PROFILE)
+    return planned, runner.run(adapter, planned, profile=MUTANT_PROFILE, diagnose_fail=diagnose_fail)
+
+
+def flagged_cases(adapter: Any) -> tuple[int, list]:
+    """How many of the adapter's cases ``normref check`` would leave FAIL or ERROR, counted up to
+    MIN_FLAGGED, and every result.
+
+    The same count as running everything with its diagnosis, for less: a FAIL is final unless its
+    diagnosis explains it (as a CONVENTION, say), so the FAILs are diagnosed one by one only until
+    MIN_FLAGGED of them stand (results past that point keep their undiagnosed FAIL).
+    """
+    from conformance import runner
+
+    planned, results = run_mutant(adapter, diagnose_fail=False)
+    flagged = 0
+    for i, result in enumerate(results):
+        if flagged >= MIN_FLAGGED:
+            break
+        if result.verdict == "FAIL":
+            results[i] = runner.run_case(adapter, planned[i], profile=MUTANT_PROFILE)
+        flagged += results[i].verdict in ("FAIL", "ERROR")
+    return flagged, results
 
 
 def verdict_table(results: list) -> str:
