@@ -32,18 +32,22 @@ def namespace(*arrays: Any) -> Any:
     NumPy arrays map to ``array_api_compat.numpy``, CuPy arrays to ``array_api_compat.cupy``,
     ``array_api_strict`` arrays to ``array_api_strict``.  Mixing namespaces is an error.
     """
-    from array_api_compat import array_namespace
-
     present = [a for a in arrays if a is not None]
-    if not present:
+    # The common case, asked for on every operation of every op: plain NumPy arrays (a fast
+    # path with the answer array_namespace gives them).
+    if all(type(a) is np.ndarray for a in present):
         import array_api_compat.numpy as xp_numpy
 
         return xp_numpy
+    from array_api_compat import array_namespace
+
     return array_namespace(*present)
 
 
 def is_array(value: Any) -> bool:
     """True for anything the array API treats as an array (NumPy, CuPy, strict, ...)."""
+    if type(value) is np.ndarray:
+        return True
     from array_api_compat import is_array_api_obj
 
     return is_array_api_obj(value)
@@ -63,6 +67,8 @@ def as_float64(value: Any, name: str, *, op: str = "", xp: Any = None) -> tuple[
     Raises ``TypeError`` for non-floating dtypes, naming ``op``, ``name``, the expected and the
     actual dtype.
     """
+    if type(value) is np.ndarray and value.dtype == np.float64:
+        return value, None  # the common case, on every call of every op
     where = f"{op}: " if op else ""
     if not is_array(value):
         if isinstance(value, (bool, np.bool_)) or (
