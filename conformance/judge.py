@@ -112,6 +112,8 @@ class Estimate:
     of_exact_inputs: bool    # a function of exact inputs only (a schedule of the step count)
     #: per gradient, the size of the terms its VJP is formed from, |y| |ct| / |a| elementwise
     terms: dict[str, np.ndarray] = field(default_factory=dict)
+    #: ``outputs.w`` -> ``outputs.sigma``: outputs scaled by another output (the spec's ``scaled_by``)
+    scaled_by: dict[str, str] = field(default_factory=dict)
 
     def bounds(self, dtype: str, values: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The bounds in ``dtype``; with ``values`` (another candidate's quantities), the bounds
@@ -133,6 +135,10 @@ class Estimate:
                 peak = float(np.max(np.abs(value)))
                 b = np.maximum(b, tolerance.structural_zero_floor(dtype, peak))
             bounds[key] = b
+        for key, by in self.scaled_by.items():
+            if key in bounds and by in bounds:
+                bounds[key] = bounds[key] + tolerance.inherited(
+                    (values or self.expected)[key], (values or self.expected)[by], bounds[by])
         return bounds
 
 
@@ -161,7 +167,9 @@ def _estimate(
     bases = [baseline(request, hp, arrays, saved_statistics=v) for v in variants]
     errors = {key: _largest(_error(b.get(key), value) for b in bases) for key, value in expected.items()}
     scale = tolerance.largest_finite([*expected.values(), *arrays.values()])
-    return Estimate(expected, sens, errors, n, scale, not op.spec.differentiable, _terms(expected, arrays))
+    scaled_by = {f"outputs.{t.name}": f"outputs.{t.scaled_by}" for t in op.spec.outputs if t.scaled_by}
+    return Estimate(expected, sens, errors, n, scale, not op.spec.differentiable, _terms(expected, arrays),
+                    scaled_by)
 
 
 def _terms(expected: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -94,6 +94,18 @@ structural zero) is judged against K u_out times the largest magnitude the step 
 structural zero gradient against K u_out times the size of its terms, |y| |ct| / |a_i|
 (:func:`structural_zero_floor`).
 
+Outputs computed from another output.  The model perturbs the inputs once for every output, as
+if all were computed from the same slightly wrong inputs.  An output formed from another one is
+not: spectral norm's ``w = W / sigma`` divides the *exact* W by a sigma that carries the power
+iteration's own rounding, which no perturbation of W reproduces, because the ratio cancels it
+(when one element dominates W, ``w_ij = W_ij / sigma`` ~ sign(W_ij) is insensitive to W while
+sigma moves 1:1 with it).  Both torch and the oracle form w this way, so w errs relatively by
+what sigma errs (torch's float64 ``w`` was off by one common factor of 6e-16, 1.24 times its
+bound, with sigma 5.5 u off and within its own bound).  A spec declares such an output
+(``scaled_by = "sigma"``) and its bound gains sigma's relative bound, ``|w_i| bound_sigma /
+|sigma|`` (:func:`inherited`): a linear first-order term, and sigma itself is judged against
+``bound_sigma`` on its own, so a wrong sigma still FAILs there.
+
 Verdict of one quantity.  ratio = max_i |actual_i - oracle_i| / bound_i, ok when ratio <= 1.
 When the bound is at least a quarter of the quantity's magnitude, the dtype cannot resolve this
 case (fewer than two correct bits are guaranteed) and the comparison is MISTRUSTED, not PASS.
@@ -276,6 +288,17 @@ def _rms(values: np.ndarray) -> float:
 def largest_finite(arrays: list[Any]) -> float:
     """The largest magnitude over the arrays that are entirely finite (0 when there is none)."""
     return max([float(np.max(np.abs(v))) for v in arrays if np.size(v) and np.all(np.isfinite(v))] or [0.0])
+
+
+def inherited(value: Any, scale: Any, scale_bound: Any) -> Any:
+    """The error ``value`` inherits from an output it is multiplied or divided by: ``|value|``
+    times the relative bound of that output (0 where the scale is 0 or not finite; see the module
+    docstring, "Outputs computed from another output")."""
+    scale = np.abs(np.asarray(scale, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        relative = np.where((scale > 0) & np.isfinite(scale), np.asarray(scale_bound) / scale, 0.0)
+        term = np.abs(np.asarray(value, dtype=np.float64)) * relative
+    return np.where(np.isfinite(term), term, 0.0)
 
 
 def structural_zero_floor(dtype: str, scale: Any) -> Any:

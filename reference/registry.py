@@ -125,6 +125,9 @@ class TensorSpec:
     doc: str = ""
     per: str = ""   # optimizer slots: "param" (one array per parameter) or "global" (a scalar)
     exact: bool = False  # integer-valued (a step count): read exactly, never rounding-perturbed
+    #: outputs: the name of another output this one is multiplied or divided by (spectral norm's
+    #: ``w = W / sigma``): that output's own rounding error enters this one relatively
+    scaled_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,8 @@ def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wher
 def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec, ...]:
     out = []
     allowed = {"name", "shape", "differentiable", "optional", "doc", "exact"}
+    if key == "outputs":
+        allowed.add("scaled_by")
     for i, item in enumerate(data.get(key, [])):
         w = f"{where} [[{key}]] #{i}"
         if not isinstance(item, dict):
@@ -306,8 +311,14 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
                 optional=bool(item.get("optional", False)),
                 doc=str(item.get("doc", "")),
                 exact=bool(item.get("exact", False)),
+                scaled_by=str(item.get("scaled_by", "")),
             )
         )
+    names = {t.name for t in out}
+    for t in out:
+        if t.scaled_by and (t.scaled_by not in names or t.scaled_by == t.name):
+            raise SpecError(f"{where} [[{key}]] {t.name!r}: scaled_by must name another output, "
+                            f"got {t.scaled_by!r} (outputs: {sorted(names)})")
     return tuple(out)
 
 

@@ -219,6 +219,40 @@ def test_the_oracles_own_float64_error_is_in_the_bound():
     assert np.allclose(with_own - without, tolerance.K * 2.0**-53)
 
 
+def test_an_output_scaled_by_another_inherits_its_rounding():
+    """torch's float64 spectral norm (seed 173 of the sweep): sigma 5.5 u off, within its bound,
+    and w = W / sigma off by the same common factor, 1.24 times a bound that ignored sigma's
+    error (the dominant element's w ~ -1 is insensitive to W).  w now inherits sigma's relative
+    bound; a w formed from a wrong sigma still FAILs, as does the wrong sigma itself."""
+    from conformance import judge
+    from conformance.adapters import Request
+
+    op = reference.get("spectral_norm")
+    W = np.array([[-3.27e-04, -5.49e-04, -1.20e-01, -4.34e+04, 1.16e-02, -1.16e-03],
+                  [3.82e+02, -3.85e-01, -1.49e-06, 1.92e-06, -1.50e-06, 6.93e-02],
+                  [-3.81e+01, 2.12e-06, -1.40e-01, 1.79e-04, 6.59e-03, -4.73e+05],
+                  [7.16e-05, 2.74e-02, 5.41e+03, -2.22e+04, 3.00e-06, -2.48e+01]])
+    hp = {name: p.default for name, p in op.spec.hparams.items()}
+    rng = np.random.default_rng(0)
+    state = {k: np.asarray(v) + 1e-3 * rng.standard_normal(np.shape(v))   # one step from the pair
+             for k, v in op.init_state({"weight": W}, **hp).items()}
+    request = Request("spectral_norm", "float64", {"weight": W}, state, hp, None)
+    est = judge.estimate(op, hp, judge.pack({"weight": W}, state, None), request, W.size, 0)
+    sigma, w = est.expected["outputs.sigma"], est.expected["outputs.w"]
+
+    def ratios(est, sigma_used, sigma_returned):
+        bounds = est.bounds("float64")
+        return (float(np.max(np.abs(W / sigma_used - w) / bounds["outputs.w"])),
+                float(np.abs(sigma_returned - sigma) / bounds["outputs.sigma"]))
+
+    off = sigma * (1 + 5.5 * 2.0**-53)
+    assert max(ratios(est, off, off)) < 1
+    assert ratios(est, sigma * (1 + 1e-13), sigma)[0] > 1      # w from a wrong sigma
+    assert ratios(est, sigma * (1 + 1e-13), sigma * (1 + 1e-13))[1] > 1
+    est.scaled_by = {}
+    assert ratios(est, off, off)[0] > 1                          # what the bound missed
+
+
 def test_float32_hyper_parameters_are_named_and_can_be_declared():
     undeclared = _run(Float32HP := ha.Float32HyperParameters(declared=False), "^adam$")
     fails = [r for r in undeclared if r.verdict == "FAIL"]

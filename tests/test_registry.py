@@ -179,6 +179,8 @@ gt = 0.0
         (lambda s: s + '[[cases]]\nname = "a"\nshapes = { z = [2] }\n', r"shapes names unknown input 'z'"),
         (lambda s: s + "[[state]]\nname = 's'\nshape = '()'\n", "has \\[\\[state\\]\\] but no 'init_state'"),
         (lambda s: s.replace("summary", "summary = \n"), "not valid TOML"),
+        (lambda s: s.replace('shape = "like x"', 'shape = "like x"\nscaled_by = "z"'),
+         r"'y': scaled_by must name another output, got 'z'"),
     ],
 )
 def test_malformed_spec_names_file_and_key(tmp_path, mutation, pattern):
