@@ -30,6 +30,8 @@ ESTIMATE_BYTES = 1 << 30
 
 _estimates: OrderedDict[str, Any] = OrderedDict()
 _trajectories: OrderedDict[str, Replay] = OrderedDict()
+#: Bytes held by each kept estimate (counted once, when it is kept).
+_sizes: dict[str, int] = {}
 
 
 def digest(*parts: Any) -> str | None:
@@ -61,6 +63,7 @@ def clear() -> None:
     """Forget everything kept (e.g. after replacing a function the kept values were computed with)."""
     _estimates.clear()
     _trajectories.clear()
+    _sizes.clear()
 
 
 def nbytes(value: Any) -> int:
@@ -77,12 +80,15 @@ def nbytes(value: Any) -> int:
 
 
 def _remember(store: OrderedDict[str, Any], key: str, value: Any, limit: int,
-              max_bytes: int | None = None) -> Any:
+              max_bytes: int | None = None, size: int = 0) -> Any:
     store[key] = value
     store.move_to_end(key)
+    if max_bytes is not None:
+        _sizes[key] = size
     while len(store) > limit or (max_bytes is not None and len(store) > 1
-                                 and sum(nbytes(v) for v in store.values()) > max_bytes):
-        store.popitem(last=False)
+                                 and sum(_sizes.get(k, 0) for k in store) > max_bytes):
+        dropped, _ = store.popitem(last=False)
+        _sizes.pop(dropped, None)
     return value
 
 
@@ -94,9 +100,10 @@ def estimate(key: str | None, compute: Callable[[], T]) -> T:
         _estimates.move_to_end(key)
         return _estimates[key]
     value = compute()
-    if nbytes(value) > ESTIMATE_BYTES:
+    size = nbytes(value)
+    if size > ESTIMATE_BYTES:
         return value
-    return _remember(_estimates, key, value, ESTIMATES, ESTIMATE_BYTES)
+    return _remember(_estimates, key, value, ESTIMATES, ESTIMATE_BYTES, size)
 
 
 class Replay:

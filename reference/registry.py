@@ -246,6 +246,9 @@ class Spec:
     dialects: dict[str, dict[str, Any]] = field(default_factory=dict)
     cases: tuple[dict[str, Any], ...] = ()
     kind: str = "op"
+    #: resolve()'s validated results, keyed by the call (the harness resolves the same few
+    #: hyper-parameter sets hundreds of thousands of times per run)
+    _resolved: dict[Any, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_optimizer(self) -> bool:
@@ -260,6 +263,20 @@ class Spec:
 
     def resolve(self, hparams: Mapping[str, Any], *, dialect: str | None = None) -> dict[str, Any]:
         """Defaults, overlaid by a dialect's values, overlaid by ``hparams``; all validated."""
+        # The type names keep True, 1 and 1.0 apart (equal as keys); unhashable values (a list)
+        # are resolved every time.
+        key = (dialect, tuple(sorted((k, type(v).__name__, v) for k, v in hparams.items())))
+        try:
+            found = self._resolved.get(key)
+        except TypeError:
+            return self._resolve(hparams, dialect)
+        if found is None:
+            found = self._resolve(hparams, dialect)
+            if len(self._resolved) < 4096:
+                self._resolved[key] = found
+        return dict(found)
+
+    def _resolve(self, hparams: Mapping[str, Any], dialect: str | None) -> dict[str, Any]:
         values = self.defaults()
         if dialect is not None:
             if dialect not in self.dialects:
