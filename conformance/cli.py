@@ -2,10 +2,12 @@
 
 Verbs: ``list`` (the registered ops), ``show NAME`` (one op's spec: citation, equations, inputs,
 hyper-parameters, dialect table), ``check [ADAPTER]`` (run the conformance cases through a
-framework adapter and report), ``repro CASE-ID`` (rerun one case and print inputs, both results
-and the difference).  Usage errors (unknown verb, op, adapter or option) print one line and exit
-with status 2; ``check`` exits 1 when a case FAILs, ERRORs or XPASSes, 0 otherwise.  Heavy
-frameworks are imported only by the adapter that needs them, when a check runs.
+framework adapter and report; ``--jobs N`` in worker processes, ``--shard K/N`` a part of the
+run), ``merge REPORT...`` (join the JSON reports of shards into one), ``repro CASE-ID`` (rerun one
+case and print inputs, both results and the difference).  Usage errors (unknown verb, op,
+adapter or option) print one line and exit with status 2; ``check`` and ``merge`` exit as in the
+README's exit-code table.  Heavy frameworks are imported only by the adapter that needs them,
+when a check runs.
 """
 
 from __future__ import annotations
@@ -255,7 +257,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     progress = report.progress_printer()
     for adapter, planned in plans.values():
         results += runner.run(adapter, planned, profile=args.profile, xfails=expected, progress=progress,
-                              timeout=args.timeout)
+                              timeout=args.timeout, jobs=args.jobs)
     if expected:
         possible = [i for adapter, _ in plans.values() for i in runner.possible_ids(adapter, seed=args.seed)]
         for pattern in expected.stale(possible):
@@ -263,9 +265,18 @@ def cmd_check(args: argparse.Namespace) -> int:
                   "the adapter could run", file=sys.stderr)
     meta = {"normref_version": _version(), "adapters": {a.name: a.info() for a, _ in plans.values()},
             "seed": args.seed, "profile": args.profile, "dtypes": dtypes, "ops": args.ops,
+            "shard": args.shard or None,
             "coverage": {name: cov.__dict__ for name, cov in coverage.items()}}
-    title = "normref check: " + ", ".join(f"{a.name} ({a.info().get('version', '?')})"
-                                          for a, _ in plans.values())
+    return _reports(args, results, meta, coverage, out)
+
+
+def _reports(args: argparse.Namespace, results: list[Any], meta: dict[str, Any], coverage: dict[str, Any],
+             out: Any) -> int:
+    """The terminal report, the files asked for, and the exit status (check and merge)."""
+    from conformance import report
+
+    title = "normref check: " + ", ".join(f"{name} ({info.get('version', '?')})"
+                                          for name, info in meta["adapters"].items())
     report.terminal(results, out, title=title, coverage=coverage)
     if args.json:
         report.to_json(results, args.json, meta=meta)
@@ -275,6 +286,19 @@ def cmd_check(args: argparse.Namespace) -> int:
         report.to_markdown(results, args.markdown, title=title, coverage=coverage)
     return report.exit_code(results, strict_xpass=not args.no_strict_xpass,
                             allow_conventions=args.allow_conventions, allow_empty=args.allow_empty)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from conformance.merge import merge
+
+    try:
+        for option, path in (("--json", args.json), ("--junit-xml", args.junit_xml),
+                             ("--markdown", args.markdown)):
+            _check_output(option, path)
+        meta, results, coverage = merge(args.reports)
+    except ValueError as exc:
+        return _usage_error("merge", str(exc))
+    return _reports(args, results, meta, coverage, sys.stderr if args.json == "-" else sys.stdout)
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
@@ -360,21 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds per adapter call (default: the profile's, 60 s); after "
                          "3 consecutive timeouts the adapter's remaining cases are ERROR")
     p_check.add_argument("--xfails", help="TOML file of [[xfail]] id (regex) / reason entries")
-    p_check.add_argument("--no-strict-xpass", action="store_true", dest="no_strict_xpass",
-                         help="do not fail the run on XPASS")
-    p_check.add_argument("--allow-conventions", action="store_true", dest="allow_conventions",
-                         help="do not fail the run on CONVENTION (a case matching another convention than "
-                         "the declared one)")
-    p_check.add_argument("--allow-empty", action="store_true", dest="allow_empty",
-                         help="exit 0 when nothing was compared (default: exit 3)")
-    p_check.add_argument("--json", help="write one JSON record per case to this file ('-': stdout, "
-                         "the terminal report then goes to stderr)")
-    p_check.add_argument("--junit-xml", dest="junit_xml", help="write JUnit XML to this file")
-    p_check.add_argument("--markdown", help="write a Markdown summary (for a PR comment) to this file")
-    p_check.add_argument("--shard", help="run only shard K of N (K/N, 1-based)")
+    _report_options(p_check)
+    p_check.add_argument("--shard", help="run only shard K of N (K/N, 1-based); `normref merge` joins "
+                         "the shards' JSON reports")
+    p_check.add_argument("--jobs", type=_positive(int), default=1,
+                         help="run the cases in N worker processes (same report as one; default 1)")
     p_check.add_argument("--traceback", action="store_true",
                          help="on an adapter that fails to load, print the whole traceback")
     p_check.set_defaults(func=cmd_check)
+
+    p_merge = sub.add_parser(
+        "merge", help="join the JSON reports of --shard runs into one",
+        description="Join the JSON reports of `normref check --shard K/N --json ...` runs (or whole runs of "
+        "different adapters) into one report, with the exit status one run would have. Parts of "
+        "different normref versions, seeds, profiles, dtypes or --ops, missing or repeated shards are "
+        "refused (exit 2).")
+    p_merge.add_argument("reports", nargs="+", help="JSON reports written by normref check --json")
+    _report_options(p_merge)
+    p_merge.set_defaults(func=cmd_merge)
 
     p_repro = sub.add_parser("repro", help="rerun one case and print everything",
                              description="Rerun one case by its id and print inputs, both results and "
@@ -402,6 +429,21 @@ def _non_negative(kind: type) -> Any:
         return value
 
     return parse
+
+
+def _report_options(parser: argparse.ArgumentParser) -> None:
+    """The options check and merge share: what fails the run, and the report files."""
+    parser.add_argument("--no-strict-xpass", action="store_true", dest="no_strict_xpass",
+                        help="do not fail the run on XPASS")
+    parser.add_argument("--allow-conventions", action="store_true", dest="allow_conventions",
+                        help="do not fail the run on CONVENTION (a case matching another convention than "
+                        "the declared one)")
+    parser.add_argument("--allow-empty", action="store_true", dest="allow_empty",
+                        help="exit 0 when nothing was compared (default: exit 3)")
+    parser.add_argument("--json", help="write one JSON record per case to this file ('-': stdout, "
+                        "the terminal report then goes to stderr)")
+    parser.add_argument("--junit-xml", dest="junit_xml", help="write JUnit XML to this file")
+    parser.add_argument("--markdown", help="write a Markdown summary (for a PR comment) to this file")
 
 
 def _positive(kind: type) -> Any:

@@ -11,7 +11,7 @@ import math
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, TextIO
 from xml.etree import ElementTree as ET
@@ -30,6 +30,7 @@ __all__ = [
     "exit_code",
     "grid",
     "progress_printer",
+    "read_json",
     "summary_counts",
     "terminal",
     "to_json",
@@ -277,6 +278,29 @@ def to_json(results: list[CaseResult], path: str | Path, *, meta: dict[str, Any]
         sys.stdout.flush()
     else:
         Path(path).write_text(text)
+
+
+def read_json(path: str | Path) -> tuple[dict[str, Any], list[CaseResult]]:
+    """The inverse of :func:`to_json`: the run's metadata and its results (``normref merge``).
+    A file that is not such a report raises ValueError naming it."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable JSON report ({type(exc).__name__}: {exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("cases"), list):
+        raise ValueError(f"{path}: not a normref JSON report (no 'cases' list; see normref check --json)")
+    names = {f.name for f in fields(CaseResult)}
+    results = []
+    for i, rec in enumerate(doc["cases"]):
+        try:
+            values = {k: v for k, v in rec.items() if k in names}
+            for key in ("worst_ratio", "max_abs_error", "max_rel_error", "bound"):
+                values[key] = math.nan if values.get(key) is None else float(values[key])  # "inf" too
+            results.append(CaseResult(**values))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{path}: case #{i} is not a case record ({exc})") from None
+    meta = {k: v for k, v in doc.items() if k not in ("cases", "summary")}
+    return meta, results
 
 
 def to_junit_xml(results: list[CaseResult], path: str | Path, *, suite: str = "normref",

@@ -101,7 +101,7 @@ class CaseResult:
     #: the knob values of the diagnosis (a CONVENTION's, or a value the adapter ignored)
     convention: dict[str, Any] = field(default_factory=dict)
     message: str = ""
-    #: ERROR only: raised | exit | timeout | aborted | nonfinite | shape | missing | harness
+    #: ERROR only: raised | exit | timeout | aborted | nonfinite | shape | missing | harness | crashed
     error_kind: str = ""
     gradients_checked: bool = True
     hparam_dtype: str = "float64"
@@ -663,15 +663,43 @@ def run(
     timeout: float | None = None,
     max_consecutive_timeouts: int = MAX_CONSECUTIVE_TIMEOUTS,
     diagnose_fail: bool = True,
+    jobs: int = 1,
 ) -> list[CaseResult]:
     """Run every planned case; ``xfails`` (an :class:`~conformance.xfails.Xfails` or a
     ``{pattern: reason}`` dict) marks expected failures.  ``timeout``: seconds per adapter call
     (default: the profile's); ``diagnose_fail``: as in :func:`run_case`.  After
     ``max_consecutive_timeouts`` timeouts in a row the adapter is abandoned: its remaining cases
-    are ERROR (``aborted``) and the run still returns every result."""
+    are ERROR (``aborted``) and the run still returns every result.  ``jobs`` > 1 runs the cases
+    in that many worker processes (conformance/parallel.py), with the same results in the same
+    order."""
     expected = xfails if isinstance(xfails, Xfails) else Xfails.from_dict(xfails or {})
     table = support.validate(adapter)
-    results = []
+    options = {"profile": profile, "timeout": timeout, "max_consecutive_timeouts": max_consecutive_timeouts,
+               "diagnose_fail": diagnose_fail}
+    if jobs > 1 and len(planned) > 1:
+        from conformance import parallel
+
+        def crashed(case: PlannedCase, message: str) -> CaseResult:
+            result = _new_result(adapter, case, table.get(case.op))
+            result.error("crashed", message)
+            return result
+
+        produced = parallel.run(adapter, planned, jobs, options, crashed)
+    else:
+        produced = _in_order(adapter, planned, table, **options)
+    results: list[CaseResult | None] = [None] * len(planned)
+    for done, (i, result) in enumerate(produced, 1):
+        _apply_xfail(result, expected.reason(result.id))
+        results[i] = result
+        if progress:
+            progress(done, len(planned), result)
+    return [r for r in results if r is not None]
+
+
+def _in_order(adapter: Adapter, planned: list[PlannedCase], table: dict[str, OpSupport], *, profile: str,
+              timeout: float | None, max_consecutive_timeouts: int, diagnose_fail: bool
+              ) -> Iterator[tuple[int, CaseResult]]:
+    """``(index, result)`` for every planned case, run one after the other in this process."""
     timeouts = 0
     for i, case in enumerate(planned):
         if timeouts >= max_consecutive_timeouts:
@@ -686,11 +714,7 @@ def run(
                 result = _new_result(adapter, case, table.get(case.op))
                 result.error("harness", f"harness error: {type(exc).__name__}: {exc}")
             timeouts = timeouts + 1 if result.error_kind == "timeout" else 0
-        _apply_xfail(result, expected.reason(result.id))
-        results.append(result)
-        if progress:
-            progress(i + 1, len(planned), result)
-    return results
+        yield i, result
 
 
 def _apply_xfail(result: CaseResult, why: str | None) -> None:

@@ -194,8 +194,10 @@ def test_repro_reruns_one_case_and_prints_both_sides(capsys):
     assert "oracle (float64)" in out and "adapter - oracle" in out and "grads.x [fail]" in out
 
 
-def test_pytest_plugin_turns_cases_into_items(tmp_path):
-    """The CI gate: one item per case; the failing adapter's cases fail with the repro line."""
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "pytest -n 2"])
+def test_pytest_plugin_turns_cases_into_items(tmp_path, workers):
+    """The CI gate: one item per case; the failing adapter's cases fail with the repro line (also
+    under pytest-xdist, whose workers plan the same items)."""
     import subprocess
     import sys
 
@@ -203,7 +205,7 @@ def test_pytest_plugin_turns_cases_into_items(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "conformance.pytest_plugin", "-p", "no:cacheprovider",
            "--normref-adapter", str(HERE / "harness_adapters.py"), "--normref-ops", "^batch_norm$",
            "--normref-dtypes", "float64", "--normref-profile", "quick", "--rootdir", str(tmp_path),
-           str(tmp_path)]
+           *workers, str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "normref repro badgrad:batch_norm:float64:" in proc.stdout

@@ -176,6 +176,10 @@ def _from_module(module: Any, where: str) -> Adapter:
     missing = [m for m in ("name", "info", "ops", "evaluate") if not hasattr(adapter, m)]
     if missing:
         raise AdapterLoadError(f"{where}: the adapter lacks {', '.join(missing)} (see conformance.adapters)")
+    try:  # what a worker process loads it from again (normref check --jobs)
+        adapter._normref_source = str(Path(where).resolve()) if where.endswith(".py") else where
+    except AttributeError:  # pragma: no cover - an adapter with __slots__: pickled instead
+        pass
     return adapter
 
 
