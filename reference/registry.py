@@ -1,52 +1,12 @@
-"""The op registry: specs/ (data) bound to reference functions (math).
+"""The op registry: the specs (reference/spec.py, data) bound to the reference functions (math).
 
-A spec is one TOML file, ``specs/<family>/<name>.toml``.  Its keys (all validated on load; a
-malformed spec raises :class:`SpecError` naming the file and the key):
-
-``name``, ``family``, ``summary``
-``function``      ``"module:callable"`` of the human API.  Its positional-or-keyword parameters
-                  are the spec's inputs then its state (same names, same order); its keyword-only
-                  parameters are exactly the spec's hyper-parameters with the spec's defaults.
-                  It returns the output array (one output), a tuple of outputs (several), and for
-                  ops with state ``(outputs, new_state_dict)``.
-``vjp``           ``"module:callable"``: parameters ``d<output>`` for each output, then the inputs
-                  and state, then the same keyword-only hyper-parameters; returns a dict with one
-                  gradient per differentiable input that was given.
-``init_state``    (ops with state) ``"module:callable"`` building the initial state from inputs.
-``backward``      ``exact`` | ``custom`` | ``surrogate``
-``tolerance``     the op's error class, for documentation and ``normref show`` (e.g.
-                  ``standardizer``, ``rms_normalizer``, ``l2_normalizer``).  The harness's bounds do
-                  not depend on it: conformance/tolerance.py derives them per case from the
-                  measured sensitivity, for every op alike.
-``properties``    names of the invariants the property tests check
-``[citation]``    ``title``, ``arxiv``, ``equations``, ``code`` (official code path), ``notes``
-``[[inputs]]`` / ``[[state]]`` / ``[[outputs]]``: ``name``, ``shape`` (a rule in words),
-                  ``differentiable`` (inputs), ``optional``, ``doc``
-``[hparams.<name>]``  ``type`` (float|int|bool|str|axes), ``default``, optional ``allowed``,
-                  ``min``/``max`` (inclusive) or ``gt``/``lt`` (exclusive), ``nullable``, ``doc``.
-                  TOML has no null: the string ``"None"`` stands for Python ``None`` where
-                  ``nullable = true``.
-``[dialects.<framework>]``  ``api`` (the framework call), ``source`` (file it was read from),
-                  ``notes``, and ``hparams`` = the values that reproduce that framework.
-``[[cases]]``     seeded default cases: ``name``, ``shapes`` (input name -> list of ints),
-                  optional ``hparams`` (overrides) and ``dialect``.  The harness and the generic
-                  tests draw standard-normal values for these shapes (conformance/cases.py).
-
-Optimizer specs (``kind = "optimizer"``, family ``optimizers``) differ in four keys: ``step`` and
-``init`` (``"module:callable"``) replace ``function``/``vjp``/``init_state``; ``[[slots]]``
-(``name``, ``per`` = ``"param"`` | ``"global"``, ``shape``, ``doc``) replace ``[[state]]``; there are
-no ``[[inputs]]``/``[[outputs]]`` (they are always ``params`` and ``grads`` -> ``params``); and a
-case gives ``params`` (path -> shape), ``gradients`` (``fixed`` | ``quadratic`` | ``rosenbrock``),
-optional ``steps``, ``schedule`` (``constant`` | ``drop`` | ``warmup`` | ``cosine`` | ``one_cycle``:
-conformance/trajectory.py) and ``tags`` instead of ``shapes``.  The functions are pure
-functions over flat dict pytrees (see ``reference/optimizers/__init__.py``).  For the harness an
-optimizer op is also an ordinary op over *flat* arrays: inputs ``params/<path>`` and
-``grads/<path>``, state ``<slot>/<path>`` (per-param slots) or ``<slot>`` (global ones), output
-``params/<path>``; :meth:`Op.apply` and :meth:`Op.init_state` speak that form.
-
-Public entry points: :func:`ops`, :func:`get`, :func:`load_spec`, and the decorators
-:func:`oracle_function` / :func:`oracle_vjp` that make the human API validate its
-hyper-parameters against the same spec and promote its arrays to float64.
+:class:`Op` is one spec bound to its functions: ``apply`` (forward, with state), ``vjp``,
+``init_state``, and for optimizers the pytree ``init``/``step`` and the flat form the harness
+speaks.  Public entry points: :func:`ops`, :func:`get`, and the decorators
+:func:`oracle_function` / :func:`oracle_vjp` / :func:`oracle_optimizer` that make the human API
+validate its hyper-parameters against the same spec and promote its arrays to float64.  The spec
+schema and loader (and the names ``Spec``, ``SpecError``, ``load_spec``, re-exported here) live in
+:mod:`reference.spec`.
 """
 
 from __future__ import annotations
@@ -54,20 +14,21 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import math
-import os
-import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from reference._backend import Outputs, as_float64, is_array
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from reference.spec import (
+    Citation,
+    HParam,
+    Spec,
+    SpecError,
+    TensorSpec,
+    all_specs,
+    load_spec,
+    specs_dir,
+)
 
 __all__ = [
     "Citation",
@@ -85,540 +46,6 @@ __all__ = [
     "specs_dir",
 ]
 
-BACKWARD_KINDS = ("exact", "custom", "surrogate")
-HPARAM_TYPES = ("float", "int", "bool", "str", "axes", "mask")
-KINDS = ("op", "optimizer")
-GRADIENT_SOURCES = ("fixed", "quadratic", "rosenbrock")
-NONE_SENTINEL = "None"
-
-
-class SpecError(ValueError):
-    """A spec file is malformed; the message names the file and the key."""
-
-
-def specs_dir() -> Path:
-    """The folder holding the specs: ``$NORMREF_SPECS`` or ``specs/`` next to the package."""
-    env = os.environ.get("NORMREF_SPECS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "specs"
-
-
-# --------------------------------------------------------------------------------------------
-# Spec data classes
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Citation:
-    title: str
-    arxiv: str
-    equations: str
-    code: str
-    notes: str = ""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: str
-    differentiable: bool = False
-    optional: bool = False
-    doc: str = ""
-    per: str = ""   # optimizer slots: "param" (one array per parameter) or "global" (a scalar)
-    exact: bool = False  # integer-valued (a step count): read exactly, never rounding-perturbed
-    #: outputs: the name of another output this one is multiplied or divided by (spectral norm's
-    #: ``w = W / sigma``): that output's own rounding error enters this one relatively
-    scaled_by: str = ""
-
-
-@dataclass(frozen=True)
-class HParam:
-    name: str
-    type: str
-    default: Any
-    allowed: tuple[Any, ...] | None = None
-    min: float | None = None
-    max: float | None = None
-    gt: float | None = None
-    lt: float | None = None
-    nullable: bool = False
-    doc: str = ""
-
-    def domain(self) -> str:
-        """The allowed values in words, for error messages and ``normref show``."""
-        parts = []
-        if self.allowed is not None:
-            parts.append("one of " + ", ".join(repr(a) for a in self.allowed))
-        if self.gt is not None:
-            parts.append(f"> {self.gt}")
-        if self.min is not None:
-            parts.append(f">= {self.min}")
-        if self.lt is not None:
-            parts.append(f"< {self.lt}")
-        if self.max is not None:
-            parts.append(f"<= {self.max}")
-        text = f"{self.type} " + " and ".join(parts) if parts else self.type
-        return text + (" or None" if self.nullable else "")
-
-    def check(self, op: str, value: Any) -> Any:
-        """Return ``value`` (axes normalized to a tuple) or raise naming op, key and domain."""
-        where = f"{op}: hyper-parameter {self.name!r}"
-        if value is None:
-            if self.nullable:
-                return None
-            raise ValueError(f"{where} must be {self.domain()}, got None")
-        value = _check_type(where, self.type, value)
-        if self.allowed is not None and not callable(value) and value not in self.allowed:
-            raise ValueError(f"{where} must be {self.domain()}, got {value!r}")
-        if self.type in ("float", "int"):
-            bad = (
-                (self.type == "float" and not math.isfinite(value))
-                or (self.gt is not None and not value > self.gt)
-                or (self.min is not None and not value >= self.min)
-                or (self.lt is not None and not value < self.lt)
-                or (self.max is not None and not value <= self.max)
-            )
-            if bad:
-                raise ValueError(f"{where} must be {self.domain()}, got {value!r}")
-        return value
-
-
-def _check_type(where: str, kind: str, value: Any) -> Any:
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise TypeError(f"{where} must be a bool, got {type(value).__name__} {value!r}")
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise TypeError(f"{where} must be a str, got {type(value).__name__} {value!r}")
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            if not (hasattr(value, "__index__") and not isinstance(value, bool)):
-                raise TypeError(f"{where} must be an int, got {type(value).__name__} {value!r}")
-        return int(value)
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                return float(value)  # NumPy scalars
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"{where} must be a float, got {type(value).__name__} {value!r}"
-                ) from None
-        return float(value)
-    if kind == "mask":
-        # A parameter mask: the name of a predicate of reference.optimizers._tree.MASKS, or a
-        # callable (path, array) -> bool (Python API only; TOML cannot hold one).
-        if isinstance(value, str) or callable(value):
-            return value
-        raise TypeError(f"{where} must be a mask name or a callable (path, array) -> bool, "
-                        f"got {type(value).__name__} {value!r}")
-    if kind == "axes":
-        items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-        try:
-            items = tuple(items)
-        except TypeError:
-            raise TypeError(
-                f"{where} must be an int or a sequence of ints, got {type(value).__name__}"
-            ) from None
-        if not items or any(isinstance(a, bool) or not isinstance(a, int) for a in items):
-            raise TypeError(f"{where} must be an int or a non-empty sequence of ints, got {value!r}")
-        return items
-    raise AssertionError(kind)  # pragma: no cover
-
-
-@dataclass(frozen=True)
-class Spec:
-    name: str
-    family: str
-    summary: str
-    path: Path
-    citation: Citation
-    function: str
-    vjp: str
-    init_state: str | None
-    backward: str
-    tolerance: str
-    properties: tuple[str, ...]
-    inputs: tuple[TensorSpec, ...]
-    state: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    hparams: dict[str, HParam]
-    dialects: dict[str, dict[str, Any]] = field(default_factory=dict)
-    cases: tuple[dict[str, Any], ...] = ()
-    kind: str = "op"
-    #: resolve()'s validated results, keyed by the call (the harness resolves the same few
-    #: hyper-parameter sets hundreds of thousands of times per run)
-    _resolved: dict[Any, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def is_optimizer(self) -> bool:
-        return self.kind == "optimizer"
-
-    @property
-    def differentiable(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.inputs if t.differentiable)
-
-    def defaults(self) -> dict[str, Any]:
-        return {k: p.default for k, p in self.hparams.items()}
-
-    def resolve(self, hparams: Mapping[str, Any], *, dialect: str | None = None) -> dict[str, Any]:
-        """Defaults, overlaid by a dialect's values, overlaid by ``hparams``; all validated."""
-        # The type names keep True, 1 and 1.0 apart (equal as keys); unhashable values (a list)
-        # are resolved every time.
-        key = (dialect, tuple(sorted((k, type(v).__name__, v) for k, v in hparams.items())))
-        try:
-            found = self._resolved.get(key)
-        except TypeError:
-            return self._resolve(hparams, dialect)
-        if found is None:
-            found = self._resolve(hparams, dialect)
-            if len(self._resolved) < 4096:
-                self._resolved[key] = found
-        return dict(found)
-
-    def _resolve(self, hparams: Mapping[str, Any], dialect: str | None) -> dict[str, Any]:
-        values = self.defaults()
-        if dialect is not None:
-            if dialect not in self.dialects:
-                known = ", ".join(sorted(self.dialects)) or "none"
-                raise ValueError(f"{self.name}: unknown dialect {dialect!r}; known: {known}")
-            values.update(self.dialects[dialect]["hparams"])
-        for key, value in hparams.items():
-            if key not in self.hparams:
-                known = ", ".join(self.hparams)
-                raise TypeError(
-                    f"{self.name}: unknown hyper-parameter {key!r}; expected one of: {known}"
-                )
-            values[key] = value
-        return {k: self.hparams[k].check(self.name, v) for k, v in values.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# Spec loading
-# --------------------------------------------------------------------------------------------
-
-
-def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in data:
-        raise SpecError(f"{where}: missing key {key!r}")
-    value = data[key]
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise SpecError(f"{where}: key {key!r} must be {names}, got {type(value).__name__}")
-    return value
-
-
-def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec, ...]:
-    out = []
-    allowed = {"name", "shape", "differentiable", "optional", "doc", "exact"}
-    if key == "outputs":
-        allowed.add("scaled_by")
-    for i, item in enumerate(data.get(key, [])):
-        w = f"{where} [[{key}]] #{i}"
-        if not isinstance(item, dict):
-            raise SpecError(f"{w}: must be a table")
-        extra = set(item) - allowed
-        if extra:
-            raise SpecError(f"{w}: unknown keys {sorted(extra)}; allowed {sorted(allowed)}")
-        out.append(
-            TensorSpec(
-                name=_need(item, "name", str, w),
-                shape=_need(item, "shape", str, w),
-                differentiable=bool(item.get("differentiable", False)),
-                optional=bool(item.get("optional", False)),
-                doc=str(item.get("doc", "")),
-                exact=bool(item.get("exact", False)),
-                scaled_by=str(item.get("scaled_by", "")),
-            )
-        )
-    names = {t.name for t in out}
-    for t in out:
-        if t.scaled_by and (t.scaled_by not in names or t.scaled_by == t.name):
-            raise SpecError(f"{where} [[{key}]] {t.name!r}: scaled_by must name another output, "
-                            f"got {t.scaled_by!r} (outputs: {sorted(names)})")
-    return tuple(out)
-
-
-def _slots(data: Mapping[str, Any], where: str) -> tuple[TensorSpec, ...]:
-    """An optimizer's ``[[slots]]``: its state, one array per parameter or one global scalar."""
-    out = []
-    allowed = {"name", "per", "shape", "doc", "exact"}
-    for i, item in enumerate(data.get("slots", [])):
-        w = f"{where} [[slots]] #{i}"
-        if not isinstance(item, dict):
-            raise SpecError(f"{w}: must be a table")
-        extra = set(item) - allowed
-        if extra:
-            raise SpecError(f"{w}: unknown keys {sorted(extra)}; allowed {sorted(allowed)}")
-        per = _need(item, "per", str, w)
-        if per not in ("param", "global"):
-            raise SpecError(f"{w}: per must be 'param' or 'global', got {per!r}")
-        out.append(TensorSpec(name=_need(item, "name", str, w), shape=_need(item, "shape", str, w),
-                              doc=str(item.get("doc", "")), per=per,
-                              exact=bool(item.get("exact", False))))
-    return tuple(out)
-
-
-def _hparam(name: str, item: Any, where: str) -> HParam:
-    w = f"{where} [hparams.{name}]"
-    if not isinstance(item, dict):
-        raise SpecError(f"{w}: must be a table")
-    allowed_keys = {"type", "default", "allowed", "min", "max", "gt", "lt", "nullable", "doc"}
-    extra = set(item) - allowed_keys
-    if extra:
-        raise SpecError(f"{w}: unknown keys {sorted(extra)}; allowed {sorted(allowed_keys)}")
-    kind = _need(item, "type", str, w)
-    if kind not in HPARAM_TYPES:
-        raise SpecError(f"{w}: type must be one of {HPARAM_TYPES}, got {kind!r}")
-    if "default" not in item:
-        raise SpecError(f"{w}: missing key 'default'")
-    nullable = bool(item.get("nullable", False))
-
-    def unsentinel(v: Any) -> Any:
-        return None if nullable and v == NONE_SENTINEL else v
-
-    allowed = item.get("allowed")
-    param = HParam(
-        name=name,
-        type=kind,
-        default=unsentinel(item["default"]),
-        allowed=tuple(allowed) if allowed is not None else None,
-        min=item.get("min"),
-        max=item.get("max"),
-        gt=item.get("gt"),
-        lt=item.get("lt"),
-        nullable=nullable,
-        doc=str(item.get("doc", "")),
-    )
-    try:
-        checked = param.check(name, param.default)
-    except (TypeError, ValueError) as exc:
-        raise SpecError(f"{w}: default is invalid: {exc}") from None
-    if kind == "axes" and checked is not None:
-        param = HParam(**{**param.__dict__, "default": checked})
-    return param
-
-
-def load_spec(path: str | os.PathLike[str]) -> Spec:
-    """Parse and validate one spec file."""
-    path = Path(path)
-    where = str(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{where}: not valid TOML: {exc}") from None
-    name = _need(data, "name", str, where)
-    if name != path.stem:
-        raise SpecError(f"{where}: name {name!r} must equal the file name {path.stem!r}")
-    cit = _need(data, "citation", dict, where)
-    citation = Citation(
-        title=_need(cit, "title", str, f"{where} [citation]"),
-        arxiv=str(cit.get("arxiv", "")),
-        equations=_need(cit, "equations", str, f"{where} [citation]"),
-        code=_need(cit, "code", str, f"{where} [citation]"),
-        notes=str(cit.get("notes", "")),
-    )
-    kind = data.get("kind", "op")
-    if kind not in KINDS:
-        raise SpecError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
-    hparams_raw = data.get("hparams", {})
-    if not isinstance(hparams_raw, dict):
-        raise SpecError(f"{where}: [hparams] must be a table")
-    hparams = {k: _hparam(k, v, where) for k, v in hparams_raw.items()}
-    if kind == "optimizer":
-        spec = _optimizer_spec(data, name, path, citation, hparams, where)
-    else:
-        spec = _op_spec(data, name, path, citation, hparams, where)
-    if not spec.inputs or not spec.outputs:
-        raise SpecError(f"{where}: needs at least one [[inputs]] and one [[outputs]]")
-    if spec.state and not spec.init_state:
-        raise SpecError(f"{where}: has [[state]] but no 'init_state'")
-    for d_name, table in data.get("dialects", {}).items():
-        w = f"{where} [dialects.{d_name}]"
-        if not isinstance(table, dict):
-            raise SpecError(f"{w}: must be a table")
-        raw = _need(table, "hparams", dict, w)
-        values = {}
-        for key, value in raw.items():
-            if key not in hparams:
-                raise SpecError(f"{w}: unknown hyper-parameter {key!r}")
-            value = _unsentinel(hparams[key], value)
-            try:
-                values[key] = hparams[key].check(name, value)
-            except (TypeError, ValueError) as exc:
-                raise SpecError(f"{w}: {exc}") from None
-        spec.dialects[d_name] = {
-            "api": str(table.get("api", "")),
-            "source": str(table.get("source", "")),
-            "notes": str(table.get("notes", "")),
-            "hparams": values,
-        }
-    cases = _optimizer_cases(data, spec, where) if kind == "optimizer" else _cases(data, spec, where)
-    return Spec(**{**spec.__dict__, "cases": cases})
-
-
-def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
-             hparams: dict[str, HParam], where: str) -> Spec:
-    backward = _need(data, "backward", str, where)
-    if backward not in BACKWARD_KINDS:
-        raise SpecError(f"{where}: backward must be one of {BACKWARD_KINDS}, got {backward!r}")
-    return Spec(
-        name=name,
-        family=_need(data, "family", str, where),
-        summary=_need(data, "summary", str, where),
-        path=path,
-        citation=citation,
-        function=_need(data, "function", str, where),
-        vjp=_need(data, "vjp", str, where),
-        init_state=data.get("init_state"),
-        backward=backward,
-        tolerance=_need(data, "tolerance", str, where),
-        properties=tuple(data.get("properties", ())),
-        inputs=_tensors(data, "inputs", where),
-        state=_tensors(data, "state", where),
-        outputs=_tensors(data, "outputs", where),
-        hparams=hparams,
-        dialects={},
-    )
-
-
-#: The fixed signature of every optimizer, as tensors of the generic op contract.
-OPTIMIZER_INPUTS = (
-    TensorSpec("params", "dict path -> array (the parameters w)"),
-    TensorSpec("grads", "dict path -> array, the shapes of params (the gradients g)"),
-)
-OPTIMIZER_OUTPUTS = (TensorSpec("params", "the updated parameters, the shapes of params"),)
-
-
-def _optimizer_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
-                    hparams: dict[str, HParam], where: str) -> Spec:
-    for key in ("function", "vjp", "init_state", "inputs", "outputs", "state"):
-        if key in data:
-            raise SpecError(f"{where}: an optimizer spec has no {key!r} (use step, init, [[slots]])")
-    if "lr" not in hparams:
-        raise SpecError(f"{where}: an optimizer spec needs a [hparams.lr]")
-    return Spec(
-        name=name,
-        family=_need(data, "family", str, where),
-        summary=_need(data, "summary", str, where),
-        path=path,
-        citation=citation,
-        function=_need(data, "step", str, where),
-        vjp="",
-        init_state=_need(data, "init", str, where),
-        backward="exact",
-        tolerance=str(data.get("tolerance", "elementwise")),
-        properties=tuple(data.get("properties", ())),
-        inputs=OPTIMIZER_INPUTS,
-        state=_slots(data, where),
-        outputs=OPTIMIZER_OUTPUTS,
-        hparams=hparams,
-        dialects={},
-        kind="optimizer",
-    )
-
-
-def _optimizer_cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, Any], ...]:
-    out = []
-    allowed = {"name", "params", "gradients", "steps", "schedule", "tags", "hparams", "dialect"}
-    for i, item in enumerate(data.get("cases", [])):
-        w = f"{where} [[cases]] #{i}"
-        if not isinstance(item, dict):
-            raise SpecError(f"{w}: must be a table")
-        extra = set(item) - allowed
-        if extra:
-            raise SpecError(f"{w}: unknown keys {sorted(extra)}; allowed {sorted(allowed)}")
-        name = _need(item, "name", str, w)
-        params = _need(item, "params", dict, w)
-        if not params:
-            raise SpecError(f"{w}: params must name at least one parameter")
-        for key, shape in params.items():
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
-                raise SpecError(f"{w}: shape of parameter {key!r} must be a list of positive ints")
-        gradients = item.get("gradients", "fixed")
-        if gradients not in GRADIENT_SOURCES:
-            raise SpecError(f"{w}: gradients must be one of {GRADIENT_SOURCES}, got {gradients!r}")
-        steps = item.get("steps")
-        if steps is not None and (not isinstance(steps, int) or steps < 1):
-            raise SpecError(f"{w}: steps must be a positive int, got {steps!r}")
-        dialect, hparams, overrides = _case_hparams(item, spec, w)
-        out.append({"name": name, "params": {k: tuple(v) for k, v in params.items()},
-                    "shapes": {k: tuple(v) for k, v in params.items()},
-                    "gradients": gradients, "steps": steps,
-                    "schedule": str(item.get("schedule", "constant")),
-                    "tags": tuple(item.get("tags", ())),
-                    "hparams": hparams, "overrides": overrides, "dialect": dialect})
-    _unique_names(out, where)
-    if not out:
-        raise SpecError(f"{where}: an optimizer spec needs at least one [[cases]]")
-    return tuple(out)
-
-
-def _unsentinel(param: HParam | None, value: Any) -> Any:
-    """TOML has no null: the string "None" means None for a nullable hyper-parameter."""
-    return None if param is not None and param.nullable and value == NONE_SENTINEL else value
-
-
-def _case_hparams(item: Mapping[str, Any], spec: Spec, w: str) -> tuple[str | None, dict[str, Any],
-                                                                      dict[str, Any]]:
-    """A case's ``(dialect, hparams, overrides)``.  ``hparams``: fully resolved; ``overrides``:
-    what the case itself asks for (its dialect's values, then its own), so a harness can overlay
-    them on a framework's conventions."""
-    dialect = item.get("dialect")
-    if dialect is not None and dialect not in spec.dialects:
-        raise SpecError(f"{w}: unknown dialect {dialect!r}")
-    raw = {k: _unsentinel(spec.hparams.get(k), v) for k, v in item.get("hparams", {}).items()}
-    try:
-        hparams = spec.resolve(raw, dialect=dialect)
-    except (TypeError, ValueError) as exc:
-        raise SpecError(f"{w}: {exc}") from None
-    overrides = {**(spec.dialects[dialect]["hparams"] if dialect else {}), **{k: hparams[k] for k in raw}}
-    return dialect, hparams, overrides
-
-
-def _unique_names(cases: list[dict[str, Any]], where: str) -> None:
-    names = [c["name"] for c in cases]
-    if len(set(names)) != len(names):
-        raise SpecError(f"{where}: case names repeat: {names}")
-
-
-def _cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, Any], ...]:
-    out = []
-    inputs = {t.name: t for t in spec.inputs}
-    for i, item in enumerate(data.get("cases", [])):
-        w = f"{where} [[cases]] #{i}"
-        if not isinstance(item, dict):
-            raise SpecError(f"{w}: must be a table")
-        extra = set(item) - {"name", "shapes", "hparams", "dialect"}
-        if extra:
-            raise SpecError(f"{w}: unknown keys {sorted(extra)}")
-        name = _need(item, "name", str, w)
-        shapes = _need(item, "shapes", dict, w)
-        for key, shape in shapes.items():
-            if key not in inputs:
-                raise SpecError(f"{w}: shapes names unknown input {key!r}")
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise SpecError(f"{w}: shape of {key!r} must be a list of non-negative ints")
-        missing = [t.name for t in spec.inputs if not t.optional and t.name not in shapes]
-        if missing:
-            raise SpecError(f"{w}: shapes must give the required inputs {missing}")
-        dialect, hparams, overrides = _case_hparams(item, spec, w)
-        out.append({"name": name, "shapes": {k: tuple(v) for k, v in shapes.items()},
-                    "hparams": hparams, "overrides": overrides, "dialect": dialect})
-    _unique_names(out, where)
-    return tuple(out)
-
-
-@functools.cache
-def _all_specs() -> dict[str, Spec]:
-    root = specs_dir()
-    specs: dict[str, Spec] = {}
-    for path in sorted(root.glob("*/*.toml")):
-        spec = load_spec(path)
-        if spec.name in specs:
-            raise SpecError(f"{path}: op {spec.name!r} is also defined in {specs[spec.name].path}")
-        specs[spec.name] = spec
-    return specs
 
 
 def _resolve_callable(ref: str, where: str) -> Callable[..., Any]:
@@ -853,7 +280,7 @@ class Op:
 
 def ops(family: str | None = None) -> list[str]:
     """Names of the registered ops (of one ``family``: "normalizers", "optimizers"), sorted."""
-    specs = _all_specs()
+    specs = all_specs()
     if family is not None:
         families = sorted({s.family for s in specs.values()})
         if family not in families:
@@ -863,7 +290,7 @@ def ops(family: str | None = None) -> list[str]:
 
 def get(name: str) -> Op:
     """The bound op called ``name``; ``KeyError`` naming the known ops if there is none."""
-    specs = _all_specs()
+    specs = all_specs()
     if name not in specs:
         raise KeyError(f"unknown op {name!r}; known ops: {', '.join(sorted(specs))}")
     return Op(specs[name])
@@ -881,7 +308,7 @@ def _bind(op_name: str, sig: inspect.Signature, kw_only: list[str], args: tuple[
         bound = sig.bind(*args, **kwargs)
     except TypeError as exc:
         raise TypeError(f"{op_name}: {exc}") from None
-    spec = _all_specs()[op_name]
+    spec = all_specs()[op_name]
     return bound, spec.resolve({k: bound.arguments[k] for k in kw_only if k in bound.arguments})
 
 
@@ -931,7 +358,7 @@ def oracle_optimizer(op_name: str) -> Callable[[Callable[..., Any]], Callable[..
             from reference.optimizers._tree import flatten, unflatten
 
             bound, hp = _bind(op_name, sig, kw_only, args, kwargs)
-            spec = _all_specs()[op_name]
+            spec = all_specs()[op_name]
             given = bound.arguments["params"]
             if not isinstance(given, Mapping) or not given:
                 raise TypeError(f"{op_name}: params must be a non-empty dict of arrays, "
