@@ -72,7 +72,6 @@ def cmd_list(args: argparse.Namespace) -> int:
                 "family": s.family,
                 "spec": _spec_path(s.path),
                 "backward": s.backward,
-                "tolerance": s.tolerance,
                 "arxiv": s.citation.arxiv,
                 "inputs": [t.name for t in s.inputs],
                 "state": [t.name for t in s.state],
@@ -99,7 +98,6 @@ def _show_record(spec: Any) -> dict[str, Any]:
         "spec": _spec_path(spec.path),
         "citation": dict(spec.citation.__dict__),
         "backward": spec.backward,
-        "tolerance": spec.tolerance,
         "properties": list(spec.properties),
         "inputs": [dict(t.__dict__) for t in spec.inputs],
         "state": [dict(t.__dict__) for t in spec.state],
@@ -152,7 +150,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         *([f"Oracle:    step {spec.function}, init {spec.init_state}",
            "Checked:   as a free-running trajectory (conformance/trajectory.py)"] if spec.is_optimizer else
           [f"Oracle:    {spec.function}  (VJP: {spec.vjp or 'none: no differentiable input'})",
-           f"Backward:  {_backward(spec)}; tolerance class: {spec.tolerance}"]),
+           f"Backward:  {_backward(spec)}; bounds derived per case (conformance/tolerance.py)"]),
         "",
         "Inputs:",
     ]

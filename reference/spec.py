@@ -14,10 +14,6 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   gradient per differentiable input that was given.
 ``init_state``    (ops with state) ``"module:callable"`` building the initial state from inputs.
 ``backward``      ``exact`` | ``custom`` | ``surrogate``
-``tolerance``     the op's error class, for documentation and ``normref show`` (e.g.
-                  ``standardizer``, ``rms_normalizer``, ``l2_normalizer``).  The harness's bounds do
-                  not depend on it: conformance/tolerance.py derives them per case from the
-                  measured sensitivity, for every op alike.
 ``properties``    names of the invariants the property tests check
 ``[citation]``    ``title``, ``arxiv``, ``equations``, ``code`` (official code path), ``notes``
 ``[[inputs]]`` / ``[[state]]`` / ``[[outputs]]``: ``name``, ``shape`` (a rule in words),
@@ -84,6 +80,10 @@ HPARAM_TYPES = ("float", "int", "bool", "str", "axes", "mask")
 KINDS = ("op", "optimizer")
 GRADIENT_SOURCES = ("fixed", "quadratic", "rosenbrock")
 NONE_SENTINEL = "None"
+#: The top-level keys of each kind of spec (the module docstring).
+_COMMON_KEYS = {"name", "family", "summary", "kind", "properties", "citation", "hparams", "dialects", "cases"}
+TOP_KEYS = {"op": _COMMON_KEYS | {"function", "vjp", "init_state", "backward", "inputs", "state", "outputs"},
+            "optimizer": _COMMON_KEYS | {"step", "init", "slots"}}
 
 
 class SpecError(ValueError):
@@ -231,7 +231,6 @@ class Spec:
     vjp: str
     init_state: str | None
     backward: str
-    tolerance: str
     properties: tuple[str, ...]
     inputs: tuple[TensorSpec, ...]
     state: tuple[TensorSpec, ...]
@@ -416,6 +415,7 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
     kind = data.get("kind", "op")
     if kind not in KINDS:
         raise SpecError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
+    _table(data, where, TOP_KEYS[kind])
     hparams_raw = data.get("hparams", {})
     if not isinstance(hparams_raw, dict):
         raise SpecError(f"{where}: [hparams] must be a table")
@@ -466,7 +466,6 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
         vjp=_need(data, "vjp", str, where),
         init_state=data.get("init_state"),
         backward=backward,
-        tolerance=_need(data, "tolerance", str, where),
         properties=tuple(data.get("properties", ())),
         inputs=_tensors(data, "inputs", where),
         state=_tensors(data, "state", where),
@@ -501,7 +500,6 @@ def _optimizer_spec(data: Mapping[str, Any], name: str, path: Path, citation: Ci
         vjp="",
         init_state=_need(data, "init", str, where),
         backward="exact",
-        tolerance=str(data.get("tolerance", "elementwise")),
         properties=tuple(data.get("properties", ())),
         inputs=OPTIMIZER_INPUTS,
         state=_slots(data, where),

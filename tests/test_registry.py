@@ -147,7 +147,6 @@ summary = "toy"
 function = "reference.normalizers.batch_norm:batch_norm"
 vjp = "reference.normalizers.batch_norm:batch_norm_vjp"
 backward = "exact"
-tolerance = "standardizer"
 [citation]
 title = "t"
 equations = "(1)"
@@ -179,6 +178,8 @@ gt = 0.0
         (lambda s: s + '[[cases]]\nname = "a"\nshapes = { z = [2] }\n', r"shapes names unknown input 'z'"),
         (lambda s: s + "[[state]]\nname = 's'\nshape = '()'\n", "has \\[\\[state\\]\\] but no 'init_state'"),
         (lambda s: s.replace("summary", "summary = \n"), "not valid TOML"),
+        (lambda s: s.replace('backward = "exact"', 'backward = "exact"\ntolerance = "standardizer"'),
+         r"unknown keys \['tolerance'\]"),
         (lambda s: s.replace('shape = "like x"', 'shape = "like x"\nscaled_by = "z"'),
          r"'y': scaled_by must name another output, got 'z'"),
     ],

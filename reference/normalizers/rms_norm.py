@@ -13,7 +13,7 @@ Conventions (keyword hyper-parameters):
 
 * ``axes``: the normalized axes (default ``(-1,)``); weight and bias have the shape of x there.
 * ``eps`` and ``eps_placement``.  The paper's equations have no eps.  The two official files
-  disagree (bzhangGo/rmsnorm, checked in this session):
+  disagree (bzhangGo/rmsnorm, checked against the official code):
 
   - ``"inside"``: ``a * rsqrt(ms + eps)`` with ``ms = mean(a^2)``; rmsnorm_tensorflow.py
     (eps 1e-8) and every snippet the official README gives for the paper's experiments (Nematus
