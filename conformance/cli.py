@@ -32,8 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _backward(spec: Any) -> str:
-    """The backward kind, or "-" where there is none (optimizers, functions of a step count)."""
-    return spec.backward if spec.differentiable and not spec.is_optimizer else "-"
+    """The backward kind of the spec ("none" for a function of a step count; "-" for optimizers)."""
+    return "-" if spec.is_optimizer else spec.backward
 
 
 def _spec_path(path: Path) -> str:

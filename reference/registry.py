@@ -92,6 +92,9 @@ class Op:
 
     @property
     def vjp_function(self) -> Callable[..., Any]:
+        if not self.spec.vjp:
+            raise TypeError(f"{self.name} has no VJP: backward = {self.spec.backward!r}, no input is "
+                            "differentiable")
         return _resolve_callable(self.spec.vjp, f"{self.spec.path} vjp")
 
     def dialect(self, name: str) -> dict[str, Any]:

@@ -13,7 +13,12 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   and state, then the same keyword-only hyper-parameters; returns a dict with one
                   gradient per differentiable input that was given.
 ``init_state``    (ops with state) ``"module:callable"`` building the initial state from inputs.
-``backward``      ``exact`` | ``custom`` | ``surrogate``
+``backward``      ``exact`` (the true gradient: checked against finite differences) | ``custom``
+                  (the paper defines a backward that is not the true gradient, e.g. spectral
+                  norm's u, v held constant) | ``surrogate`` (a straight-through estimator) |
+                  ``none`` (no input is differentiable: a schedule of the step count, a metric;
+                  the spec has no ``vjp``, and every other kind needs one and a differentiable
+                  input)
 ``properties``    names of the invariants the property tests check
 ``[citation]``    ``title``, ``arxiv``, ``equations``, ``code`` (official code path), ``notes``
 ``[[inputs]]`` / ``[[state]]`` / ``[[outputs]]``: ``name``, ``shape`` (a rule in words),
@@ -75,7 +80,7 @@ __all__ = [
     "specs_dir",
 ]
 
-BACKWARD_KINDS = ("exact", "custom", "surrogate")
+BACKWARD_KINDS = ("exact", "custom", "surrogate", "none")
 HPARAM_TYPES = ("float", "int", "bool", "str", "axes", "mask")
 KINDS = ("op", "optimizer")
 GRADIENT_SOURCES = ("fixed", "quadratic", "rosenbrock")
@@ -456,6 +461,14 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
     backward = _need(data, "backward", str, where)
     if backward not in BACKWARD_KINDS:
         raise SpecError(f"{where}: backward must be one of {BACKWARD_KINDS}, got {backward!r}")
+    inputs = _tensors(data, "inputs", where)
+    differentiable = [t.name for t in inputs if t.differentiable]
+    if backward == "none" and ("vjp" in data or differentiable):
+        raise SpecError(f"{where}: backward = 'none' has no 'vjp' and no differentiable input, got "
+                        f"{'a vjp' if 'vjp' in data else 'differentiable ' + ', '.join(differentiable)}")
+    if backward != "none" and not differentiable:
+        raise SpecError(f"{where}: backward = {backward!r} needs a differentiable input (no input is "
+                        "differentiable: backward = 'none')")
     return Spec(
         name=name,
         family=_need(data, "family", str, where),
@@ -463,11 +476,11 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
         path=path,
         citation=citation,
         function=_need(data, "function", str, where),
-        vjp=_need(data, "vjp", str, where),
+        vjp="" if backward == "none" else _need(data, "vjp", str, where),
         init_state=data.get("init_state"),
         backward=backward,
         properties=tuple(data.get("properties", ())),
-        inputs=_tensors(data, "inputs", where),
+        inputs=inputs,
         state=_tensors(data, "state", where),
         outputs=_tensors(data, "outputs", where),
         hparams=hparams,

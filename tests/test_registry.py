@@ -31,10 +31,10 @@ def test_spec_agrees_with_function_signatures(name):
         _check_optimizer_signatures(op)
         return
     tensors = [t.name for t in spec.inputs] + [t.name for t in spec.state]
-    for fn, leading in (
-        (op.function, []),
-        (op.vjp_function, ["d" + t.name for t in spec.outputs]),
-    ):
+    pairs = [(op.function, [])]
+    if spec.backward != "none":
+        pairs.append((op.vjp_function, ["d" + t.name for t in spec.outputs]))
+    for fn, leading in pairs:
         params = inspect.signature(fn).parameters.values()
         positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
         kw_only = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
@@ -154,6 +154,7 @@ code = "c"
 [[inputs]]
 name = "x"
 shape = "(N,)"
+differentiable = true
 [[outputs]]
 name = "y"
 shape = "like x"
@@ -178,6 +179,8 @@ gt = 0.0
         (lambda s: s + '[[cases]]\nname = "a"\nshapes = { z = [2] }\n', r"shapes names unknown input 'z'"),
         (lambda s: s + "[[state]]\nname = 's'\nshape = '()'\n", "has \\[\\[state\\]\\] but no 'init_state'"),
         (lambda s: s.replace("summary", "summary = \n"), "not valid TOML"),
+        (lambda s: s.replace('backward = "exact"', 'backward = "none"'), "backward = 'none' has no 'vjp'"),
+        (lambda s: s.replace("differentiable = true", ""), "backward = 'exact' needs a differentiable input"),
         (lambda s: s.replace('backward = "exact"', 'backward = "exact"\ntolerance = "standardizer"'),
          r"unknown keys \['tolerance'\]"),
         (lambda s: s.replace('shape = "like x"', 'shape = "like x"\nscaled_by = "z"'),

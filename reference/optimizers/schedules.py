@@ -7,7 +7,7 @@ Every schedule is an ordinary op (family ``schedules``)::
 ``t`` holds step counts 0, 1, 2, ... (any shape; float arrays of integer values): the value an
 optimizer uses at its step t+1, i.e. torch's scheduler ``last_epoch`` after t calls of
 ``scheduler.step()`` and optax's ``count`` before the update.  ``lr`` has the shape of t.  A
-step count is not differentiable: each op's VJP returns no gradients.
+step count is not differentiable: the specs say ``backward = "none"`` and there is no VJP.
 
 Schedules (``specs/schedules/<name>.toml`` cites the equations):
 
@@ -53,10 +53,9 @@ boundaries of one_cycle) are formed in Python floats with the frameworks' operat
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from reference._backend import is_array, namespace
@@ -64,17 +63,12 @@ from reference.registry import oracle_function
 
 __all__ = [
     "cosine",
-    "cosine_vjp",
     "linear_scaling_rule",
     "linear_warmup",
-    "linear_warmup_vjp",
     "one_cycle",
-    "one_cycle_vjp",
     "polynomial",
-    "polynomial_vjp",
     "sqrt_scaling_rule",
     "step_decay",
-    "step_decay_vjp",
 ]
 
 
@@ -106,31 +100,6 @@ def _table(t: Any, values: Sequence[float], index: Any | None = None) -> Any:
     flat = xp.reshape(xp.astype(idx, xp.int64), (-1,))
     table = xp.asarray(list(values), dtype=t.dtype)
     return xp.reshape(xp.take(table, flat), t.shape)
-
-
-def _no_vjp(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """The VJP of a schedule: ``(dlr, t, *, <forward's hyper-parameters>) -> {}``.
-
-    A step count is not differentiable (its spec input has ``differentiable = false``), so there
-    is no gradient to return; ``dlr`` is checked to have t's shape.
-    """
-    signature = inspect.signature(forward)
-    dlr = inspect.Parameter("dlr", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    vjp_signature = signature.replace(parameters=[dlr, *signature.parameters.values()])
-    op = getattr(forward, "__normref_op__", (forward.__name__,))[0]
-
-    def vjp(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        bound = vjp_signature.bind(*args, **kwargs)
-        cot, t = bound.arguments.get("dlr"), bound.arguments.get("t")
-        if cot is not None and t is not None and tuple(cot.shape) != tuple(t.shape):
-            raise ValueError(f"{op}: dlr must have the shape of t {tuple(t.shape)}, "
-                             f"got {tuple(cot.shape)}")
-        return {}
-
-    vjp.__signature__ = vjp_signature  # type: ignore[attr-defined]
-    vjp.__name__ = vjp.__qualname__ = f"{forward.__name__}_vjp"
-    vjp.__doc__ = f"No gradients: t, the only input of {op}, is a step count."
-    return vjp
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +139,6 @@ def linear_warmup(
     return xp.where(t < warmup_steps, ramp, peak_lr)
 
 
-linear_warmup_vjp = _no_vjp(linear_warmup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +199,6 @@ def step_decay(
     return base_lr * gamma**count
 
 
-step_decay_vjp = _no_vjp(step_decay)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +276,6 @@ def cosine(
     return xp.where(t < warmup_steps, ramp, decayed)
 
 
-cosine_vjp = _no_vjp(cosine)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +314,6 @@ def polynomial(
     return (base_lr - end_lr) * frac**power + end_lr
 
 
-polynomial_vjp = _no_vjp(polynomial)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,7 +405,6 @@ def one_cycle(
     return lr
 
 
-one_cycle_vjp = _no_vjp(one_cycle)
 
 
 # --------------------------------------------------------------------------------------------
