@@ -304,27 +304,58 @@ def get(name: str) -> Op:
 # --------------------------------------------------------------------------------------------
 
 
-def _bind(op_name: str, sig: inspect.Signature, kw_only: list[str], args: tuple[Any, ...],
-          kwargs: dict[str, Any]) -> tuple[inspect.BoundArguments, dict[str, Any]]:
+@dataclass(frozen=True)
+class _Signature:
+    """A decorated function's parameters, read once (binding a call is on every oracle call)."""
+
+    sig: inspect.Signature
+    positional: tuple[str, ...]   # positional-or-keyword, in order
+    kw_only: tuple[str, ...]      # the hyper-parameters
+    required: frozenset[str]      # parameters without a default
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> _Signature:
+        sig = inspect.signature(fn)
+        params = sig.parameters.values()
+        return cls(sig, tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD),
+                   tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY),
+                   frozenset(p.name for p in params if p.default is p.empty))
+
+    def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """What ``sig.bind`` would give for a well-formed call; None for any other call (then
+        ``sig.bind`` runs and raises its own message)."""
+        if len(args) > len(self.positional):
+            return None
+        out = dict(zip(self.positional, args, strict=False))
+        for key, value in kwargs.items():
+            if key in out or (key not in self.kw_only and key not in self.positional):
+                return None
+            out[key] = value
+        return out if self.required.issubset(out) else None
+
+
+def _bind(op_name: str, signature: _Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+          ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The call's arguments, and its keyword hyper-parameters validated by the op's spec."""
-    try:
-        bound = sig.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise TypeError(f"{op_name}: {exc}") from None
+    arguments = signature.arguments(args, kwargs)
+    if arguments is None:
+        try:
+            arguments = dict(signature.sig.bind(*args, **kwargs).arguments)
+        except TypeError as exc:
+            raise TypeError(f"{op_name}: {exc}") from None
     spec = all_specs()[op_name]
-    return bound, spec.resolve({k: bound.arguments[k] for k in kw_only if k in bound.arguments})
+    return arguments, spec.resolve({k: arguments[k] for k in signature.kw_only if k in arguments})
 
 
 def _wrap(op_name: str, kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        sig = inspect.signature(fn)
-        kw_only = [p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
+        signature = _Signature.of(fn)
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            bound, hp = _bind(op_name, sig, kw_only, args, kwargs)
+            arguments, hp = _bind(op_name, signature, args, kwargs)
             arrays = {}
-            for key, value in bound.arguments.items():
+            for key, value in arguments.items():
                 if key in hp:
                     continue
                 if value is None:
@@ -353,24 +384,23 @@ def oracle_optimizer(op_name: str) -> Callable[[Callable[..., Any]], Callable[..
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        sig = inspect.signature(fn)
-        kw_only = [p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
+        signature = _Signature.of(fn)
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             from reference.optimizers._tree import flatten, unflatten
 
-            bound, hp = _bind(op_name, sig, kw_only, args, kwargs)
+            arguments, hp = _bind(op_name, signature, args, kwargs)
             spec = all_specs()[op_name]
-            given = bound.arguments["params"]
+            given = arguments["params"]
             if not isinstance(given, Mapping) or not given:
                 raise TypeError(f"{op_name}: params must be a non-empty dict of arrays, "
                                 f"got {type(given).__name__}")
             nested = any(isinstance(v, Mapping) for v in given.values())
             params = _promote_tree(op_name, "params", flatten(given))
             call = {"params": params}
-            if "grads" in bound.arguments:
-                grads_in = bound.arguments["grads"]
+            if "grads" in arguments:
+                grads_in = arguments["grads"]
                 if not isinstance(grads_in, Mapping):
                     raise TypeError(f"{op_name}: grads must be a dict of arrays, got "
                                     f"{type(grads_in).__name__}")
@@ -383,8 +413,8 @@ def oracle_optimizer(op_name: str) -> Callable[[Callable[..., Any]], Callable[..
                         raise ValueError(f"{op_name}: grads[{path!r}] must have shape "
                                          f"{tuple(params[path].shape)}, got {tuple(g.shape)}")
                 call["grads"] = grads
-            if "state" in bound.arguments:
-                call["state"] = _promote_state(spec, bound.arguments["state"], params)
+            if "state" in arguments:
+                call["state"] = _promote_state(spec, arguments["state"], params)
             result = fn(**call, **hp)
             if not nested:
                 return result
