@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "ADVERSARIAL", "FAMILIES", "LAYOUTS", "Case", "adversarial", "as_layout", "case_rng", "default_cases",
+    "ADVERSARIAL", "DOMAINS", "FAMILIES", "LAYOUTS", "Case", "adversarial", "as_layout", "case_rng",
+    "default_cases", "draw",
 ]
 
 
@@ -47,26 +48,34 @@ class Case:
         return sum(int(v.size) for v in self.inputs.values())
 
 
-def _draw(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    # Step counts (schedules) are 0, 1, 2, ...; scales (weights) are drawn around 1 so no channel
-    # is switched off; everything else N(0, 1).
-    if name == "t":
-        return np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)
-    values = rng.standard_normal(shape)
-    if name in ("weight", "g", "scale", "gain"):
-        values = 1.0 + 0.5 * values
-    return values
+#: How each declared value domain (reference/spec.py ``DOMAINS``) is drawn.
+DOMAINS: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]] = {
+    "normal": lambda rng, shape: rng.standard_normal(shape),
+    # Gains drawn around 1, so no channel is switched off (a zero gain hides its statistics).
+    "around_one": lambda rng, shape: 1.0 + 0.5 * rng.standard_normal(shape),
+    # Step counts 0, 1, 2, ... in C order (exact integers; no random draw).
+    "steps": lambda rng, shape: np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape),
+}
+
+
+def draw(rng: np.random.Generator, domain: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Float64 values of ``shape`` from a declared input domain (the one rule every generated
+    case uses: the spec's cases here, the hypothesis strategies in conformance/strategies.py)."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown value domain {domain!r}; known: {sorted(DOMAINS)}")
+    return DOMAINS[domain](rng, tuple(shape))
 
 
 def default_cases(op_name: str, seed: int = 0) -> list[Case]:
-    """The ``[[cases]]`` of the op's spec, with standard-normal inputs."""
+    """The ``[[cases]]`` of the op's spec, each input drawn from its declared domain."""
     import reference
 
     spec = reference.get(op_name).spec
+    domains = {t.name: t.domain for t in spec.inputs}
     cases = []
     for c in spec.cases:
         rng = case_rng(seed, op_name, c["name"])
-        inputs = {k: _draw(rng, k, shape) for k, shape in c["shapes"].items()}
+        inputs = {k: draw(rng, domains[k], shape) for k, shape in c["shapes"].items()}
         cases.append(Case(op_name, c["name"], inputs, dict(c["hparams"]), c["dialect"], seed,
                           overrides=dict(c["overrides"])))
     return cases

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import reference
 from conformance.cases import Case, default_cases
+from conformance.cases import draw as draw_values
 from conformance.diagnose import LAYOUT_KNOBS
 from conformance.planning import REALISTIC_SIZE, PlannedCase
 
@@ -73,13 +74,15 @@ def cases(
         c for c in default_cases(op) if c.size <= REALISTIC_SIZE]
     base: Case = draw(st.sampled_from(layouts))
     spec = reference.get(op).spec
-    primary = next(t.name for t in spec.inputs if not t.optional)
-    shape = base.inputs[primary].shape
-    # Values from a drawn seed: cheap for any size; hypothesis shrinks the seed, offset and scale.
-    unit = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).standard_normal(shape)
-    offset = draw(st.sampled_from([0.0, 1.0, -50.0, 1e4]))
-    scale = draw(st.sampled_from([1.0, 1e-2, 1e3]))
-    inputs = {**base.inputs, primary: offset + scale * unit}
+    primary = next(t for t in spec.inputs if not t.optional)
+    shape = base.inputs[primary.name].shape
+    # Values from a drawn seed, in the input's declared domain (the rule the spec's cases use):
+    # cheap for any size; hypothesis shrinks the seed, and for N(0, 1) data an offset and scale.
+    values = draw_values(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), primary.domain, shape)
+    if primary.domain == "normal":
+        offset = draw(st.sampled_from([0.0, 1.0, -50.0, 1e4]))
+        values = offset + draw(st.sampled_from([1.0, 1e-2, 1e3])) * values
+    inputs = {**base.inputs, primary.name: values}
     drawn = draw(hparam_values(op))
     overrides = {**base.overrides, **drawn}
     try:

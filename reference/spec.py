@@ -26,7 +26,10 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   state: integer-valued, a step or batch count: read exactly, never perturbed),
                   ``scaled_by`` (outputs: the name of another output this one is multiplied or
                   divided by, whose own rounding error it inherits relatively, e.g. spectral
-                  norm's ``w = W / sigma``: conformance/tolerance.py)
+                  norm's ``w = W / sigma``: conformance/tolerance.py), ``domain`` (inputs: the
+                  values generated cases draw, one of ``DOMAINS``: ``normal`` N(0, 1), the
+                  default; ``around_one`` 1 + N(0, 1)/2 for gains, so no channel is switched off;
+                  ``steps`` 0, 1, 2, ... for step counts)
 ``[hparams.<name>]``  ``type`` (float|int|bool|str|axes), ``default``, optional ``allowed``,
                   ``min``/``max`` (inclusive) or ``gt``/``lt`` (exclusive), ``nullable``, ``doc``.
                   TOML has no null: the string ``"None"`` stands for Python ``None`` where
@@ -85,6 +88,8 @@ HPARAM_TYPES = ("float", "int", "bool", "str", "axes", "mask")
 KINDS = ("op", "optimizer")
 GRADIENT_SOURCES = ("fixed", "quadratic", "rosenbrock")
 NONE_SENTINEL = "None"
+#: The value domains an input may declare (drawn by conformance/cases.py::draw).
+DOMAINS = ("normal", "around_one", "steps")
 #: The top-level keys of each kind of spec (the module docstring).
 _COMMON_KEYS = {"name", "family", "summary", "kind", "properties", "citation", "hparams", "dialects", "cases"}
 TOP_KEYS = {"op": _COMMON_KEYS | {"function", "vjp", "init_state", "backward", "inputs", "state", "outputs"},
@@ -124,6 +129,9 @@ class TensorSpec:
     doc: str = ""
     per: str = ""   # optimizer slots: "param" (one array per parameter) or "global" (a scalar)
     exact: bool = False  # integer-valued (a step count): read exactly, never rounding-perturbed
+    #: inputs: the values a generated case draws (conformance/cases.py::draw): "normal" N(0, 1),
+    #: "around_one" 1 + N(0, 1)/2 (gains: no channel switched off), "steps" 0, 1, 2, ...
+    domain: str = "normal"
     #: outputs: the name of another output this one is multiplied or divided by (spectral norm's
     #: ``w = W / sigma``): that output's own rounding error enters this one relatively
     scaled_by: str = ""
@@ -329,6 +337,8 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
     allowed = {"name", "shape", "differentiable", "optional", "doc", "exact"}
     if key == "outputs":
         allowed.add("scaled_by")
+    if key == "inputs":
+        allowed.add("domain")
     for w, item in _tables(data, key, where, allowed):
         out.append(
             TensorSpec(
@@ -339,8 +349,11 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
                 doc=str(item.get("doc", "")),
                 exact=bool(item.get("exact", False)),
                 scaled_by=str(item.get("scaled_by", "")),
+                domain=str(item.get("domain", "normal")),
             )
         )
+        if out[-1].domain not in DOMAINS:
+            raise SpecError(f"{w}: domain must be one of {DOMAINS}, got {out[-1].domain!r}")
     names = {t.name for t in out}
     for t in out:
         if t.scaled_by and (t.scaled_by not in names or t.scaled_by == t.name):

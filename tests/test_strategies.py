@@ -43,3 +43,18 @@ def test_a_wrong_gradient_is_found_and_shrunk():
     # Shrunk to the simplest data: the values of seed 0, with offset 0 and scale 1.
     x = found.case.inputs["x"]
     assert np.array_equal(x, np.random.default_rng(0).standard_normal(x.shape))
+
+
+def test_spec_domains_are_the_drawn_domains():
+    """reference/spec.py names the value domains a spec may declare; conformance/cases.py draws
+    each: the two lists are one."""
+    from conformance.cases import DOMAINS as DRAWN
+    from conformance.cases import draw
+    from reference.spec import DOMAINS
+
+    assert set(DOMAINS) == set(DRAWN)
+    rng = np.random.default_rng(0)
+    assert np.array_equal(draw(rng, "steps", (2, 3)), np.arange(6.0).reshape(2, 3))
+    assert abs(float(np.mean(draw(rng, "around_one", (4000,)))) - 1.0) < 0.05
+    with pytest.raises(ValueError, match="unknown value domain 'uniform'"):
+        draw(rng, "uniform", (2,))
