@@ -115,19 +115,23 @@ def test_running_stats_over_steps_with_train_eval_switch(dialect):
 shapes = st.tuples(st.integers(2, 5), st.integers(1, 4), st.integers(1, 4))
 
 
+@pytest.mark.checks("train_invariant_to_positive_channel_affine")
 @given(shape=shapes, seed=st.integers(0, 2**32 - 1), log_a=st.floats(-3, 3), b=st.floats(-1e3, 1e3))
 def test_train_output_invariant_to_positive_channel_affine(shape, seed, log_a, b):
+    """normalizers.md 1.1 (a): BN_train(a_c x + b_c) = BN_train(x) per channel c, a_c > 0, eps -> 0."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape)
     a = 10.0 ** (log_a + 0.1 * rng.standard_normal(shape[1]))
+    shift = b + rng.standard_normal(shape[1])  # one shift b_c per channel
     eps = 1e-300  # eps -> 0 makes the invariance exact up to rounding
     y1 = OP.apply({"x": x}, None, eps=eps)[0]["y"]
-    y2 = OP.apply({"x": x * a[None, :, None] + b}, None, eps=eps)[0]["y"]
-    # |b|/(a std) up to ~1e6 is the cancellation condition number of the shifted input.
-    cond = 1 + np.max(np.abs(b) / (a * x.std(axis=(0, 2)).clip(1e-3)))
+    y2 = OP.apply({"x": x * a[None, :, None] + shift[None, :, None]}, None, eps=eps)[0]["y"]
+    # |b_c|/(a_c std_c) up to ~1e6 is the cancellation condition number of the shifted input.
+    cond = 1 + np.max(np.abs(shift) / (a * x.std(axis=(0, 2)).clip(1e-3)))
     np.testing.assert_allclose(y2, y1, atol=1e-13 * cond)
 
 
+@pytest.mark.checks("train_channel_mean_beta_var_gamma2")
 @given(shape=shapes, seed=st.integers(0, 2**32 - 1), eps=st.floats(1e-8, 1.0))
 def test_train_channel_mean_is_beta_and_var_is_gamma2_var_over_var_plus_eps(shape, seed, eps):
     rng = np.random.default_rng(seed)
@@ -139,6 +143,7 @@ def test_train_channel_mean_is_beta_and_var_is_gamma2_var_over_var_plus_eps(shap
     np.testing.assert_allclose(y.var(axis=(0, 2)), w**2 * var / (var + eps), rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.checks("grad_sums_zero_per_channel")
 @given(shape=shapes, seed=st.integers(0, 2**32 - 1))
 def test_grad_sums_to_zero_per_channel(shape, seed):
     rng = np.random.default_rng(seed)
@@ -156,6 +161,7 @@ def test_grad_sums_to_zero_per_channel(shape, seed):
                                rtol=1e-9, atol=1e-12 * scale)
 
 
+@pytest.mark.checks("eval_is_affine_map")
 @given(seed=st.integers(0, 2**32 - 1))
 def test_eval_is_an_affine_map_and_folds_into_a_linear_layer(seed):
     rng = np.random.default_rng(seed)

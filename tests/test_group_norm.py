@@ -142,6 +142,7 @@ def test_batch_size_independent(s, seed):
         np.testing.assert_allclose(yi[0], y[i], rtol=0, atol=1e-14 * (1 + np.abs(y).max()))
 
 
+@pytest.mark.checks("group_mean_beta_var_over_var_plus_eps")
 @given(s=shapes, seed=st.integers(0, 2**32 - 1), eps=st.floats(1e-8, 1.0))
 def test_group_mean_is_beta_and_var_is_gamma2_var_over_var_plus_eps(s, seed, eps):
     """With the per-group affine (ONNX-18) each group's output has mean beta_g, var gamma_g^2 ..."""
@@ -155,8 +156,14 @@ def test_group_mean_is_beta_and_var_is_gamma2_var_over_var_plus_eps(s, seed, eps
     yg = y.reshape(n, g, -1)
     np.testing.assert_allclose(yg.mean(axis=2), np.broadcast_to(b, (n, g)), atol=1e-13)
     np.testing.assert_allclose(yg.var(axis=2), w**2 * var / (var + eps), rtol=1e-10, atol=1e-13)
+    # The spec's form, gamma = 1 per group (no weight): mean beta_g and var var/(var + eps).
+    y1 = OP.apply({"x": x, "bias": b}, None, num_groups=g, eps=eps, affine="per_group")[0]["y"]
+    y1g = y1.reshape(n, g, -1)
+    np.testing.assert_allclose(y1g.mean(axis=2), np.broadcast_to(b, (n, g)), atol=1e-13)
+    np.testing.assert_allclose(y1g.var(axis=2), var / (var + eps), rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.checks("one_group_is_layer_norm_with_channel_affine")
 @given(s=shapes, seed=st.integers(0, 2**32 - 1))
 def test_one_group_is_layer_norm_over_channels_and_space_with_channel_affine(s, seed):
     shape, _ = _shape(s)
@@ -169,6 +176,13 @@ def test_one_group_is_layer_norm_over_channels_and_space_with_channel_affine(s, 
     expected = (x - mean) / np.sqrt(var + eps) * w[:, None] + b[:, None]
     # Both are backward-stable float64 standardizers of standard-normal data (condition ~1).
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    # The LayerNorm oracle over (C, spatial), its gain and bias the per-channel ones broadcast
+    # over space: the same standardization on another view, so only summation order may differ.
+    c, spatial = shape[1:]
+    ln = reference.get("layer_norm").apply(
+        {"x": x, "weight": np.broadcast_to(w[:, None], (c, spatial)),
+         "bias": np.broadcast_to(b[:, None], (c, spatial))}, None, axes=(1, 2), eps=eps)[0]["y"]
+    np.testing.assert_allclose(y, ln, rtol=1e-13, atol=1e-14)
 
 
 @given(s=shapes, seed=st.integers(0, 2**32 - 1))
@@ -185,6 +199,7 @@ def test_channel_groups_is_instance_norm(s, seed):
     np.testing.assert_allclose(y, y_in, rtol=1e-13, atol=1e-14)
 
 
+@pytest.mark.checks("grad_sums_zero_per_sample_group")
 @given(s=shapes, seed=st.integers(0, 2**32 - 1))
 def test_grad_sums_to_zero_per_sample_and_group(s, seed):
     """sum_R dx = inv_std (sum h - m mean h - mean(h x_hat) sum x_hat) = 0, for any gamma."""

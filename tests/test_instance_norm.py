@@ -175,6 +175,7 @@ def test_invariant_to_positive_per_instance_affine(shape, seed, log_a, b):
     np.testing.assert_allclose(y2, y1, atol=1e-13 * cond)
 
 
+@pytest.mark.checks("instance_mean_beta_var_gamma2_var_over_var_plus_eps")
 @given(shape=shapes, seed=st.integers(0, 2**32 - 1), eps=st.floats(1e-8, 1.0))
 def test_instance_mean_is_beta_and_var_is_gamma2_var_over_var_plus_eps(shape, seed, eps):
     rng = np.random.default_rng(seed)
@@ -197,6 +198,7 @@ def test_batch_size_independent(shape, seed):
         np.testing.assert_allclose(yi[0], y[i], rtol=0, atol=1e-14 * (1 + np.abs(y).max()))
 
 
+@pytest.mark.checks("grad_sums_zero_per_instance")
 @given(shape=shapes, seed=st.integers(0, 2**32 - 1))
 def test_grad_sums_to_zero_per_instance(shape, seed):
     rng = np.random.default_rng(seed)

@@ -101,6 +101,7 @@ rows = st.tuples(st.integers(1, 4), st.integers(2, 16))
 TINY_EPS = 1e-300  # eps -> 0: the exact identities then hold up to rounding
 
 
+@pytest.mark.checks("rows_mean_zero_var_ratio")
 @given(shape=rows, seed=st.integers(0, 2**32 - 1), eps=st.floats(1e-8, 1.0))
 def test_rows_have_mean_zero_and_var_ratio_without_affine(shape, seed, eps):
     x = np.random.default_rng(seed).standard_normal(shape)
@@ -124,6 +125,7 @@ def test_invariant_to_positive_row_affine(shape, seed, log_a, b):
     np.testing.assert_allclose(y2, y1, atol=1e-13 * cond)
 
 
+@pytest.mark.checks("geometric_form_norm_sqrt_d_orthogonal_1")
 @given(shape=rows, seed=st.integers(0, 2**32 - 1), offset=st.floats(-10, 10))
 def test_geometric_form_norm_sqrt_d_and_orthogonal_to_ones(shape, seed, offset):
     """Brody et al.: LN(x) = sqrt(d) P x / ||P x|| with P = I - 11^T/d (eps -> 0)."""
@@ -139,6 +141,7 @@ def test_geometric_form_norm_sqrt_d_and_orthogonal_to_ones(shape, seed, offset):
     np.testing.assert_allclose(y.sum(axis=-1), 0, atol=1e-13)
 
 
+@pytest.mark.checks("equals_rms_norm_of_centered_input")
 @given(shape=rows, seed=st.integers(0, 2**32 - 1), eps=st.floats(1e-8, 1.0))
 def test_equals_rms_norm_of_the_centered_input(shape, seed, eps):
     rng = np.random.default_rng(seed)
@@ -150,6 +153,7 @@ def test_equals_rms_norm_of_the_centered_input(shape, seed, eps):
     np.testing.assert_allclose(layer_norm(x, w, b, eps=eps), expected, atol=1e-13)
 
 
+@pytest.mark.checks("permutation_equivariant")
 @given(shape=rows, seed=st.integers(0, 2**32 - 1))
 def test_permutation_equivariant_over_features(shape, seed):
     rng = np.random.default_rng(seed)
@@ -166,6 +170,7 @@ def test_permutation_equivariant_over_features(shape, seed):
         np.testing.assert_allclose(gp[key], g[key][..., perm], atol=1e-13, err_msg=key)
 
 
+@pytest.mark.checks("grad_sums_zero_per_row")
 @given(shape=rows, seed=st.integers(0, 2**32 - 1), eps=st.floats(1e-8, 1.0))
 def test_grad_sums_to_zero_per_row(shape, seed, eps):
     rng = np.random.default_rng(seed)

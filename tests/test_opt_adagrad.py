@@ -21,6 +21,7 @@ SHAPES = oh.SHAPES_NO_BN_BIAS
 seeds = st.integers(0, 2**31 - 1)
 
 
+@pytest.mark.checks("accumulator_never_decreases", "effective_lr_never_increases")
 @settings(max_examples=30)
 @given(seed=seeds, eps=st.sampled_from([0.0, 1e-10, 1e-3]), s0=st.sampled_from([0.0, 0.1, 2.0]),
        lr_decay=st.sampled_from([0.0, 0.1]), placement=st.sampled_from(["outside", "inside"]))
@@ -47,6 +48,7 @@ def test_accumulator_and_effective_lr_monotone(seed, eps, s0, lr_decay, placemen
         assert float(state["step"]) == t
 
 
+@pytest.mark.checks("first_step_is_lr_sign")
 @settings(max_examples=30)
 @given(seed=seeds, c=st.floats(1e-3, 1e3), lr=st.floats(1e-3, 1.0))
 def test_scale_invariant_eps0_init0(seed, c, lr):

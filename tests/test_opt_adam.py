@@ -15,6 +15,7 @@ from reference.optimizers._common import bias_correction
 LRS = [1e-2 * m for m in oh.LR_MULTIPLIERS]
 
 
+@pytest.mark.checks("adamw_lambda0_equals_adam")
 @given(seed=st.integers(0, 2**16), amsgrad=st.booleans())
 def test_adamw_with_lambda_0_equals_adam(seed, amsgrad):
     params, grads = oh.tree(np.random.default_rng(seed)), oh.gradients(seed, 5)
@@ -23,6 +24,7 @@ def test_adamw_with_lambda_0_equals_adam(seed, amsgrad):
     assert oh.worst(w, a) == 0.0
 
 
+@pytest.mark.checks("beta1_0_beta2_to_0_is_sign_like")
 @given(seed=st.integers(0, 2**16))
 def test_beta1_0_and_beta2_to_0_is_sign_like(seed):
     """m = g, v = g^2, no bias correction left: the step is lr g/(|g| + eps) = lr sign(g)."""
@@ -35,6 +37,7 @@ def test_beta1_0_and_beta2_to_0_is_sign_like(seed):
                                    atol=2.0**-52 * (np.max(np.abs(w)) + 0.1))
 
 
+@pytest.mark.checks("eps_hat_equals_corrected_with_rescaled_eps")
 @given(seed=st.integers(0, 2**16), t=st.integers(0, 30), eps=st.floats(1e-10, 1e-2))
 def test_eps_hat_is_the_corrected_form_with_a_step_dependent_eps(seed, t, eps):
     """Keras's eps_hat at step t equals torch's form with eps / sqrt(1 - beta2^t): no constant can."""
@@ -48,8 +51,11 @@ def test_eps_hat_is_the_corrected_form_with_a_step_dependent_eps(seed, t, eps):
     assert oh.rel(hat, corrected) < 1e-13
 
 
+@pytest.mark.checks("amsgrad_denominator_never_shrinks")
 @given(seed=st.integers(0, 2**16), max_of=st.sampled_from(["raw", "corrected"]))
 def test_amsgrad_maximum_never_shrinks(seed, max_of):
+    """Reddi et al. Alg. 2: the maximum the denominator is built from, v_hat_t = max(v_hat_{t-1}, v_t),
+    never shrinks, whether kept of the raw v (torch, Keras) or of the corrected one (optax)."""
     params, state = oh.tree(np.random.default_rng(seed)), None
     state = adam.init(params, amsgrad=True)
     for g in oh.gradients(seed, 6):

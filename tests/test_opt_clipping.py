@@ -41,6 +41,8 @@ seeds = st.integers(0, 2**32 - 1)
 log_scales = st.floats(-6.0, 6.0)
 
 
+@pytest.mark.checks("global_clip_keeps_direction", "global_clip_norm_at_most_c",
+                    "global_clip_below_threshold_bit_identical", "global_clip_idempotent")
 @given(seed=seeds, log_scale=log_scales, c=st.floats(1e-3, 1e3), eps_add=st.sampled_from([0.0, 1e-6]))
 def test_global_clip_keeps_direction_and_bounds_norm(seed, log_scale, c, eps_add):
     rng = np.random.default_rng(seed)
@@ -67,12 +69,46 @@ def test_torch_eps_add_clips_just_below_c():
     assert np.all(shrunk < g["a"])
 
 
+# Where the global norm n lies against the threshold c, in units of torch's eps_add = 1e-6:
+# n = c + 1e-6 (offset + t), t in [0.01, 0.99].
+NORM_ZONES = {"below c - eps": -2.0, "in (c - eps, c]": -1.0, "above c": 0.0}
+
+
+@given(seed=seeds, log_c=st.floats(-3.0, 3.0), zone=st.sampled_from(sorted(NORM_ZONES)),
+       t=st.floats(0.01, 0.99))
+def test_eps_add_clips_only_inside_c_minus_eps(seed, log_c, zone, t):
+    """min(1, c / (n + eps_add)) changes g exactly when n > c - eps_add: torch's eps_add = 1e-6
+    clips, beyond the paper's rule, only the gradients whose norm lies in (c - 1e-6, c]."""
+    c = 10.0**log_c
+    n = c + 1e-6 * (NORM_ZONES[zone] + t)
+    g0 = oh.tree(np.random.default_rng(seed), SHAPES_OUT_FIRST)
+    g = {k: v * (n / _gnorm(g0)) for k, v in g0.items()}
+    # g's norm as the oracle computes it is n (1 + d) with |d| below ~ (numel + 10) 2^-53 < 1e-13;
+    # n stays >= 1e-8 away from c - 1e-6 and c, which is >= 1e-11 n (n <= 1e3 + 2e-6): the zone
+    # decides every comparison.
+    clipped = {}
+    for eps_add in (0.0, 1e-6):
+        out = C.clip_by_global_norm(g, c, eps_add=eps_add)
+        clipped[eps_add] = n > c - eps_add
+        for k, v in g.items():
+            if clipped[eps_add]:
+                # the factor is below 1 by >= 1e-8 / (n + eps_add) >= 1e-11 >> 2^-53
+                nonzero = v != 0
+                assert np.all(np.abs(out[k][nonzero]) < np.abs(v[nonzero])), (eps_add, k)
+            else:
+                np.testing.assert_array_equal(out[k], v, err_msg=f"{eps_add} {k}")
+    assert (clipped[1e-6] != clipped[0.0]) == (zone == "in (c - eps, c]")
+
+
 def test_nan_norm_poisons_every_gradient_as_frameworks_do():
     g = {"a": np.array([np.nan, 1.0]), "b": np.array([1.0, 2.0])}
     out = C.clip_by_global_norm(g, 1.0)
     assert np.all(np.isnan(out["b"]))
 
 
+@pytest.mark.checks("per_tensor_clip_norm_at_most_c", "per_tensor_clip_keeps_each_direction",
+                    "per_tensor_clip_below_threshold_bit_identical", "per_tensor_clip_idempotent",
+                    "rms_measure_is_norm_with_c_sqrt_numel", "single_tensor_equals_global_clip")
 @given(seed=seeds, log_scale=log_scales, c=st.floats(1e-2, 1e2))
 def test_per_tensor_clip_bounds_each_tensor(seed, log_scale, c):
     rng = np.random.default_rng(seed)
@@ -94,6 +130,8 @@ def test_per_tensor_clip_bounds_each_tensor(seed, log_scale, c):
         np.testing.assert_allclose(rms[k], C.clip_per_tensor({k: v}, c * np.sqrt(v.size))[k], rtol=1e-14)
 
 
+@pytest.mark.checks("agc_unit_norm_at_most_lambda_max_w_eps", "agc_unchanged_units_bit_identical",
+                    "agc_idempotent")
 @given(seed=seeds, log_w=log_scales, log_g=log_scales, lam=st.floats(1e-3, 1.0),
        layout=st.sampled_from(C.UNIT_LAYOUTS), guarded=st.booleans())
 def test_agc_invariants(seed, log_w, log_g, lam, layout, guarded):
@@ -118,6 +156,29 @@ def test_agc_invariants(seed, log_w, log_g, lam, layout, guarded):
     _close(again, out, rtol=1e-14)  # idempotent up to rounding
 
 
+@given(seed=seeds, log_w=log_scales, log_g=log_scales, lam=st.floats(1e-3, 1.0),
+       layout=st.sampled_from(C.UNIT_LAYOUTS), guarded=st.booleans())
+def test_agc_keeps_each_unit_direction(seed, log_w, log_g, lam, layout, guarded):
+    """Eq. 3 rescales each unit as a whole: AGC(G)_i = s_i G_i with one s_i in (0, 1] per unit."""
+    rng = np.random.default_rng(seed)
+    shapes = SHAPES_OUT_LAST if layout == "out_last" else SHAPES_OUT_FIRST
+    w = oh.tree(rng, shapes, 10.0**log_w)
+    g = {k: v * rng.choice([1e-4, 1.0, 1e4], size=v.shape[:1] + (1,) * (v.ndim - 1))
+         for k, v in oh.tree(rng, shapes, 10.0**log_g).items()}
+    out = C.adaptive_grad_clip(w, g, clipping=lam, compare_guarded=guarded, layout=layout)
+    u = 2.0**-53
+    for k, v in g.items():
+        # out = fl(v s_i) with s_i = fl(limit / norm) <= 1 shared by the unit, so out / v is
+        # s_i (1 + d), |d| <= 2u + u^2: within a unit the ratios agree to 4u s_i (5u hi covers the
+        # u^2 terms) and stay <= 1 + 2u (the float next to 1 is 1 + 2u).
+        ratio = np.where(v != 0, out[k] / np.where(v != 0, v, 1.0), np.nan)
+        axes = C.unit_axes(v.shape, layout)
+        hi, lo = np.nanmax(ratio, axis=axes, keepdims=True), np.nanmin(ratio, axis=axes, keepdims=True)
+        assert np.all(lo > 0) and np.all(hi <= 1 + 2 * u), k
+        assert np.all(hi - lo <= 5 * u * hi), k
+
+
+@pytest.mark.checks("agc_layouts_agree_on_transposed_weights", "agc_scale_equivariant_in_w_and_g")
 @given(seed=seeds, lam=st.floats(1e-3, 1.0), k=st.integers(-20, 20))
 def test_agc_layouts_agree_on_transposed_weights_and_scale_exactly(seed, lam, k):
     rng = np.random.default_rng(seed)

@@ -66,6 +66,7 @@ def test_invariant_to_positive_gradient_scale(seed, e, wd, mode):
             np.testing.assert_array_equal(c * s_a["exp_avg"][p], s_b["exp_avg"][p])
 
 
+@pytest.mark.checks("sign_of_zero_is_zero", "decay_forms_official_and_optax_agree")
 @settings(max_examples=20)
 @given(seed=seeds, wd=st.floats(0.0, 0.5), lr=st.floats(1e-4, 1e-1))
 def test_sign_of_zero_is_zero_and_decay_forms_agree(seed, wd, lr):

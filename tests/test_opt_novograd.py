@@ -57,6 +57,7 @@ def test_invariant_to_any_positive_scale_to_rounding(seed, c, wd, averaging, ini
         assert oh.rel(w_b, w_a) < 1e-13
 
 
+@pytest.mark.checks("second_moment_is_one_scalar_per_tensor")
 @settings(max_examples=20)
 @given(seed=seeds, beta2=st.floats(0.0, 0.999), **options)
 def test_second_moment_is_one_scalar_ema_of_squared_norm(seed, beta2, wd, averaging, init):

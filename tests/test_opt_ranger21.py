@@ -70,6 +70,7 @@ def _adam(w0, grads, lrs=LRS, transform=None, before=None, after=None, **hp):
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.checks("all_components_off_equals_adamw")
 def test_all_components_off_is_adamw():
     w0, grads = _problem()
     got, _ = _ranger(w0, grads, **{**OFF, "weight_decay": 0.05, "stable_decay": False})
@@ -80,6 +81,7 @@ def test_all_components_off_is_adamw():
     assert oh.rel_elementwise(got, w) < 1e-14
 
 
+@pytest.mark.checks("agc_alone_equals_adam_on_clipped_gradient")
 def test_agc_alone_is_adam_on_clipped_gradient():
     w0, grads = _problem(1)
     got, _ = _ranger(w0, grads, **{**OFF, "agc": True, "agc_clipping_value": 0.05})
@@ -97,6 +99,7 @@ def _normalize(g):
     return g / (np.std(g, ddof=1) + 1e-8) if g.size > 2 else g
 
 
+@pytest.mark.checks("centralization_alone_equals_adam_on_centralized_gradient")
 @pytest.mark.parametrize("conv_only", [False, True])
 def test_centralization_alone_is_adam_on_centralized_gradient(conv_only):
     w0, grads = _problem(2)
@@ -105,6 +108,7 @@ def test_centralization_alone_is_adam_on_centralized_gradient(conv_only):
     assert oh.rel_elementwise(got, want) < 1e-12
 
 
+@pytest.mark.checks("normalization_alone_equals_adam_on_normalized_gradient")
 def test_normalization_alone_is_adam_on_normalized_gradient():
     w0, grads = _problem(3)
     got, _ = _ranger(w0, grads, **{**OFF, "gradient_normalization": True})
@@ -112,6 +116,7 @@ def test_normalization_alone_is_adam_on_normalized_gradient():
     assert oh.rel_elementwise(got, want) < 1e-12
 
 
+@pytest.mark.checks("amsgrad_alone_equals_adam_amsgrad")
 def test_amsgrad_alone_is_adam_amsgrad():
     w0, grads = _problem(4)
     got, state = _ranger(w0, grads, **{**OFF, "amsgrad": True})
@@ -154,6 +159,7 @@ def _adam_by_hand(w0, grads, lrs=LRS, *, denom_fn=lambda d: d, momentum="adam", 
     return w
 
 
+@pytest.mark.checks("softplus_alone_equals_softplus_denominator")
 def test_softplus_alone_is_softplus_of_the_denominator():
     w0, grads = _problem(5)
     for form in ("exact", "torch"):
@@ -163,6 +169,7 @@ def test_softplus_alone_is_softplus_of_the_denominator():
         assert oh.rel_elementwise(got, want) < (1e-12 if form == "exact" else 1e-8)
 
 
+@pytest.mark.checks("pnm_alone_equals_two_buffer_definition")
 def test_pnm_alone_is_the_two_buffer_definition():
     w0, grads = _problem(6)
     for beta0 in (1.0, 0.4):
@@ -180,6 +187,7 @@ def test_stable_decay_alone_divides_by_sqrt_mean_vhat():
     assert oh.rel_elementwise(want, plain) > 1e-6  # the decay did something
 
 
+@pytest.mark.checks("norm_loss_alone_equals_unit_norm_gradient_step")
 def test_norm_loss_alone_is_the_unit_norm_gradient_step():
     w0, grads = _problem(8)
     got, _ = _ranger(w0, grads, **{**OFF, "norm_loss": True, "norm_loss_factor": 0.05})
@@ -187,6 +195,7 @@ def test_norm_loss_alone_is_the_unit_norm_gradient_step():
     assert oh.rel_elementwise(got, want) < 1e-12
 
 
+@pytest.mark.checks("lookahead_alone_equals_adam_plus_lookahead")
 def test_lookahead_alone_is_adam_plus_lookahead():
     w0, grads = _problem(9, steps=13)
     lrs = LRS + [LRS[-1]]
@@ -204,6 +213,7 @@ def test_lookahead_alone_is_adam_plus_lookahead():
         assert oh.rel_elementwise(got, _adam(w0, grads, lrs, after=after)) < 1e-14
 
 
+@pytest.mark.checks("schedule_alone_equals_adam_with_warmup_warmdown_lr")
 def test_schedule_alone_is_adam_with_warmup_and_warmdown():
     n, base, min_lr = 20, 1e-2, 3e-5
     w0, grads = _problem(10, steps=n)
@@ -224,6 +234,7 @@ def test_schedule_alone_is_adam_with_warmup_and_warmdown():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.checks("bug_compatible_decays_only_last_parameter")
 def test_bug_a_decay_and_norm_loss_only_on_the_last_parameter():
     w0, grads = _problem(11)
     hp = {**OFF, "weight_decay": 0.3, "norm_loss": True, "norm_loss_factor": 0.05}
@@ -242,6 +253,7 @@ def test_bug_a_decay_and_norm_loss_only_on_the_last_parameter():
     assert oh.rel_elementwise(_ranger(w0, grads, **only_last, bug_compatible=True)[0], masked) < 1e-15
 
 
+@pytest.mark.checks("bug_compatible_ignores_pnm_factor")
 def test_bug_b_c_beta2_noise_norm_and_beta0_fixed_to_one():
     w0, grads = _problem(12)
     hp = {**OFF, "pnm": True}
@@ -256,6 +268,7 @@ def test_bug_b_c_beta2_noise_norm_and_beta0_fixed_to_one():
         np.testing.assert_allclose(bug[k] - w0[k], ratio * (paper[k] - w0[k]), rtol=1e-11, atol=1e-15)
 
 
+@pytest.mark.checks("bug_compatible_amsgrad_is_noop")
 def test_bug_d_amsgrad_is_a_noop():
     w0, grads = _problem(13)
     with_max, state = _ranger(w0, grads, **{**OFF, "amsgrad": True}, bug_compatible=True)
@@ -284,6 +297,7 @@ def test_bug_e_preprocessing_twice():
 seeds = st.integers(0, 2**32 - 1)
 
 
+@pytest.mark.checks("centralized_gradient_rows_sum_to_zero")
 @given(seed=seeds, log_scale=st.floats(-8, 8), conv_only=st.booleans())
 def test_centralized_gradient_units_sum_to_zero(seed, log_scale, conv_only):
     rng = np.random.default_rng(seed)

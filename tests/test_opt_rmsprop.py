@@ -115,6 +115,28 @@ def test_lr_inside_differs_after_change():
     assert oh.rel(ins[2][0], out[2][0]) > 1e-3  # the inside buffer still carries 0.1
 
 
+@settings(max_examples=20)
+@given(seed=seeds, centered=st.booleans(), bias=st.booleans(),
+       eps_placement=st.sampled_from(["outside", "inside"]))
+def test_momentum0_has_no_buffer(seed, centered, bias, eps_placement):
+    """momentum = 0: no momentum_buffer slot, at init or after any step; with no buffer nothing
+    carries an old lr, so lr inside and outside it are the same trajectory bit for bit, lr
+    changes included (with a buffer they part ways: test_lr_inside_differs_after_change)."""
+    rng = np.random.default_rng(seed)
+    params = oh.tree(rng, SHAPES)
+    seq = oh.gradients(seed, 4, SHAPES)
+    lrs = [0.1, 0.1, 0.01, 0.03]
+    hp = dict(momentum=0.0, centered=centered, bias_correction=bias, eps_placement=eps_placement)
+    slots = {"step", "square_avg", "grad_avg"} if centered else {"step", "square_avg"}
+    assert set(rmsprop.init(params, **hp)) == slots
+    out = oh.trajectory(rmsprop, params, seq, lrs=lrs, lr_placement="outside", **hp)
+    ins = oh.trajectory(rmsprop, params, seq, lrs=lrs, lr_placement="inside", **hp)
+    for (w_o, s_o), (w_i, s_i) in zip(out, ins, strict=True):
+        assert set(s_o) == set(s_i) == slots
+        for p in SHAPES:
+            np.testing.assert_array_equal(w_i[p], w_o[p])
+
+
 def test_momentum0_has_no_buffer_and_nesterov_needs_momentum():
     params = {"w": np.ones((2, 3))}
     assert set(rmsprop.init(params)) == {"step", "square_avg"}

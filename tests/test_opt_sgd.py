@@ -16,6 +16,7 @@ from reference.optimizers._tree import param_groups
 LRS = [0.05 * m for m in oh.LR_MULTIPLIERS]
 
 
+@pytest.mark.checks("nesterov_mu0_equals_sgd", "momentum0_is_gradient_descent")
 @given(seed=st.integers(0, 2**16), lr=st.floats(1e-4, 1.0), wd=st.sampled_from([0.0, 1e-3, 0.1]))
 def test_nesterov_with_mu_0_and_momentum_0_are_gradient_descent(seed, lr, wd):
     rng = np.random.default_rng(seed)
@@ -35,6 +36,7 @@ def test_lr_inside_equals_outside_under_a_constant_lr(seed, mu, nesterov):
     assert oh.worst(inside, outside) < 1e-12
 
 
+@pytest.mark.checks("lr_inside_differs_by_correction_after_change", "momentum_correction_restores_outside")
 @given(seed=st.integers(0, 2**16), mu=st.floats(0.1, 0.99), ratio=st.floats(0.05, 5.0))
 def test_after_an_lr_change_inside_differs_by_the_correction_and_the_correction_restores_it(seed, mu, ratio):
     """Goyal et al. Eq. 9-10: one step after eta1 -> eta2 the lr-inside update differs from the

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +202,30 @@ def test_good_spec_loads(tmp_path):
     path.write_text(GOOD_SPEC)
     spec = load_spec(path)
     assert spec.hparams["eps"].default == 1e-5
+
+
+@functools.cache
+def _property_tests() -> frozenset[str]:
+    """What the test files name as checked properties: ``test_<property>`` functions and the
+    arguments of ``@pytest.mark.checks(...)`` (read from the source, not collected)."""
+    import ast
+
+    found: set[str] = set()
+    for path in Path(__file__).parent.glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef) or not node.name.startswith("test_"):
+                continue
+            found.add(node.name[len("test_"):])
+            for deco in node.decorator_list:
+                call = deco if isinstance(deco, ast.Call) else None
+                if call is not None and ast.unparse(call.func).endswith("mark.checks"):
+                    found |= {a.value for a in call.args if isinstance(a, ast.Constant)}
+    return frozenset(found)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_every_spec_property_names_a_test(name):
+    """A spec's ``properties`` are claims: each must be the name of a test (test_<property>) or
+    be listed by a test's ``@pytest.mark.checks(...)``."""
+    unbound = [p for p in reference.get(name).spec.properties if p not in _property_tests()]
+    assert not unbound, f"{name}: properties with no test: {unbound}"

@@ -120,6 +120,7 @@ def test_equals_layer_norm_for_zero_mean_rows(shape, seed, eps):
     np.testing.assert_allclose(rms_norm(x, w, b, eps=eps), layer_norm(x, w, b, eps=eps), atol=1e-13)
 
 
+@pytest.mark.checks("not_shift_invariant")
 @given(shape=st.tuples(st.integers(1, 4), st.integers(3, 16)), seed=st.integers(0, 2**32 - 1),
        shift=st.floats(0.5, 10.0), placement=placements)
 def test_not_shift_invariant_unlike_layer_norm(shape, seed, shift, placement):
@@ -131,6 +132,7 @@ def test_not_shift_invariant_unlike_layer_norm(shape, seed, shift, placement):
                                atol=1e-13 * (1 + shift / x.std(axis=-1).min()))
 
 
+@pytest.mark.checks("grad_orthogonal_to_row")
 @given(shape=rows, seed=st.integers(0, 2**32 - 1), placement=placements, p=partial)
 def test_grad_orthogonal_to_the_row(shape, seed, placement, p):
     """Scale invariance y(c x) = y(x) gives J x = 0, hence <dx, x> = 0 for any gain (eps -> 0)."""
@@ -149,6 +151,7 @@ def test_grad_orthogonal_to_the_row(shape, seed, placement, p):
     assert np.all(np.abs(np.sum(dx * x, axis=-1)) <= bound)
 
 
+@pytest.mark.checks("partial_statistic_uses_first_k")
 @given(seed=st.integers(0, 2**32 - 1), placement=placements)
 def test_partial_statistic_ignores_the_features_after_k(seed, placement):
     rng = np.random.default_rng(seed)

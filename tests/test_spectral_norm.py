@@ -283,6 +283,7 @@ orders = st.sampled_from(["u_then_v", "v_then_u"])
 normalizers = st.sampled_from(["add", "max", "rsqrt"])
 
 
+@pytest.mark.checks("invariant_to_positive_scaling_given_uv")
 @given(shape=small_shapes, seed=st.integers(0, 2**32 - 1), k=st.integers(-60, 60),
        order=orders, normalize=normalizers, training=st.booleans())
 def test_invariant_to_power_of_two_scaling_exactly(shape, seed, k, order, normalize, training):
@@ -301,6 +302,7 @@ def test_invariant_to_power_of_two_scaling_exactly(shape, seed, k, order, normal
         np.testing.assert_array_equal(st2[key], st1[key])
 
 
+@pytest.mark.checks("invariant_to_positive_scaling_given_uv")
 @given(shape=small_shapes, seed=st.integers(0, 2**32 - 1), log_a=st.floats(-6, 6))
 def test_invariant_to_positive_scaling_frozen(shape, seed, log_a):
     rng = np.random.default_rng(seed)
@@ -328,6 +330,7 @@ def _with_gap(rng, shape, gap):
     return U @ S @ V.T, s[0]
 
 
+@pytest.mark.checks("sigma_increases_monotonically_to_largest_singular_value")
 @given(shape=small_shapes, seed=st.integers(0, 2**32 - 1), order=orders, normalize=normalizers)
 def test_sigma_increases_monotonically_to_the_largest_singular_value(shape, seed, order, normalize):
     rng = np.random.default_rng(seed)
@@ -354,6 +357,7 @@ def test_sigma_increases_monotonically_to_the_largest_singular_value(shape, seed
     np.testing.assert_allclose(np.linalg.norm(w, 2), 1.0, rtol=slack + 1e-13)
 
 
+@pytest.mark.checks("vjp_at_singular_vectors_is_gradient_of_w_over_spectral_norm")
 @given(shape=small_shapes, seed=st.integers(0, 2**32 - 1), training=st.booleans())
 def test_vjp_at_singular_vectors_is_the_gradient_of_w_over_spectral_norm(shape, seed, training):
     """Eq. 12: with u, v the exact singular vectors the detached VJP is the true gradient of
@@ -373,6 +377,7 @@ def test_vjp_at_singular_vectors_is_the_gradient_of_w_over_spectral_norm(shape, 
     check_vjp(f, vjp, {"weight": W}, rtol=1e-8)
 
 
+@pytest.mark.checks("grad_orthogonal_to_weight")
 @given(shape=small_shapes, seed=st.integers(0, 2**32 - 1), order=orders, training=st.booleans(),
        dsigma=st.floats(-3, 3))
 def test_grad_is_orthogonal_to_weight(shape, seed, order, training, dsigma):
@@ -390,6 +395,7 @@ def test_grad_is_orthogonal_to_weight(shape, seed, order, training, dsigma):
     np.testing.assert_allclose(np.sum(dW * W), dsigma * sigma, atol=atol)
 
 
+@pytest.mark.checks("training_vjp_is_frozen_vjp_at_the_updated_state")
 @given(shape=small_shapes, seed=st.integers(0, 2**32 - 1), order=orders, normalize=normalizers)
 def test_training_vjp_is_the_frozen_vjp_at_the_updated_state(shape, seed, order, normalize):
     """u, v are detached: training differentiates W / (u'^T W v') with the updated u', v' fixed."""

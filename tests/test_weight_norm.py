@@ -131,6 +131,7 @@ def test_slice_norm_of_w_is_abs_g(shape, dim, seed):
                                rtol=1e-13)
 
 
+@pytest.mark.checks("grad_v_orthogonal_to_v")
 @given(shape=shapes, dim=dims, seed=st.integers(0, 2**32 - 1), eps=st.sampled_from([0.0, 0.3]))
 def test_grad_v_is_orthogonal_to_v(shape, dim, seed, eps):
     """<dv, v> = 0 per slice (Eq. 4, eps = 0); with eps, <dv, v> = g dg eps / s^2 exactly."""
@@ -150,6 +151,7 @@ def test_grad_v_is_orthogonal_to_v(shape, dim, seed, eps):
                                rtol=1e-12, atol=1e-13 * np.max(scale))
 
 
+@pytest.mark.checks("torch_init_g_reproduces_v")
 @given(shape=shapes, dim=dims, seed=st.integers(0, 2**32 - 1))
 def test_torch_init_g_reproduces_v_and_flax_init_gives_unit_slices(shape, dim, seed):
     rng = np.random.default_rng(seed)

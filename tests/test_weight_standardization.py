@@ -87,6 +87,7 @@ def test_plain_two_pass_formula_would_fail_the_offset_family():
     assert relative_error(naive, mp_weight_standardization(w, 1e-8, 1, "add_std")) > 1e-10
 
 
+@pytest.mark.checks("constant_filter_gives_zero")
 @pytest.mark.parametrize(("eps_mode", "correction"), MODES)
 def test_constant_filters_give_zero_and_the_limit_gradient(eps_mode, correction):
     """var = 0: W_hat = 0 exactly in every mode, and dW = (G - mean G)/sigma(0), which is the
@@ -142,6 +143,7 @@ def test_invariant_to_positive_filter_affine(shape, mode, seed, log_a, b):
     np.testing.assert_allclose(y2, y1, atol=1e-13 * cond * np.max(np.abs(y1)))
 
 
+@pytest.mark.checks("filter_mean_is_zero", "filter_variance_matches_correction")
 @given(shape=shapes, mode=modes, seed=st.integers(0, 2**32 - 1), eps=st.floats(1e-8, 1.0))
 def test_filter_mean_is_zero_and_variance_matches_correction(shape, mode, seed, eps):
     eps_mode, correction = mode
@@ -163,6 +165,7 @@ def test_filter_mean_is_zero_and_variance_matches_correction(shape, mode, seed, 
     np.testing.assert_allclose(flat.var(axis=1, ddof=correction), expected, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.checks("grad_sums_zero_per_filter")
 @given(shape=shapes, mode=modes, seed=st.integers(0, 2**32 - 1))
 def test_grad_sums_to_zero_per_filter(shape, mode, seed):
     """The filter mean is subtracted, so W + c 1 does not change W_hat: sum_fan-in dW = 0."""
