@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = [
     "ADVERSARIAL", "DOMAINS", "FAMILIES", "LAYOUTS", "Case", "adversarial", "as_layout", "case_rng",
-    "default_cases", "draw",
+    "default_cases", "draw", "upper_of",
 ]
 
 
@@ -48,22 +48,35 @@ class Case:
         return sum(int(v.size) for v in self.inputs.values())
 
 
-#: How each declared value domain (reference/spec.py ``DOMAINS``) is drawn.
-DOMAINS: dict[str, Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]] = {
-    "normal": lambda rng, shape: rng.standard_normal(shape),
+#: How each declared value domain (reference/spec.py ``DOMAINS``) is drawn: ``(rng, shape,
+#: upper)``, ``upper`` the bound of an int64 input's values.
+DOMAINS: dict[str, Callable[[np.random.Generator, tuple[int, ...], int], np.ndarray]] = {
+    "normal": lambda rng, shape, upper: rng.standard_normal(shape),
     # Gains drawn around 1, so no channel is switched off (a zero gain hides its statistics).
-    "around_one": lambda rng, shape: 1.0 + 0.5 * rng.standard_normal(shape),
+    "around_one": lambda rng, shape, upper: 1.0 + 0.5 * rng.standard_normal(shape),
     # Step counts 0, 1, 2, ... in C order (exact integers; no random draw).
-    "steps": lambda rng, shape: np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape),
+    "steps": lambda rng, shape, upper: np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape),
+    # Labels / indices uniform in [0, upper): with few rows some values are absent, and
+    # upper = 1 gives a single class (both edges of a per-class reduction).
+    "index": lambda rng, shape, upper: rng.integers(0, upper, size=shape, dtype=np.int64),
+    "mask": lambda rng, shape, upper: rng.random(shape) < 0.5,
 }
 
 
-def draw(rng: np.random.Generator, domain: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Float64 values of ``shape`` from a declared input domain (the one rule every generated
-    case uses: the spec's cases here, the hypothesis strategies in conformance/strategies.py)."""
+def draw(rng: np.random.Generator, domain: str, shape: tuple[int, ...], upper: int = 0) -> np.ndarray:
+    """Values of ``shape`` from a declared input domain (the one rule every generated case uses:
+    the spec's cases here, the hypothesis strategies in conformance/strategies.py): float64 for
+    the float domains, int64 in [0, ``upper``) for ``index``, bool for ``mask``."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown value domain {domain!r}; known: {sorted(DOMAINS)}")
-    return DOMAINS[domain](rng, tuple(shape))
+    if domain == "index" and upper < 1:
+        raise ValueError(f"an index domain needs upper >= 1, got {upper}")
+    return DOMAINS[domain](rng, tuple(shape), upper)
+
+
+def upper_of(t: Any, hparams: dict[str, Any]) -> int:
+    """An int64 input's bound: its spec's ``upper``, an int or an int hyper-parameter's value."""
+    return int(hparams[t.upper]) if isinstance(t.upper, str) and t.upper else int(t.upper or 0)
 
 
 def default_cases(op_name: str, seed: int = 0) -> list[Case]:
@@ -71,11 +84,12 @@ def default_cases(op_name: str, seed: int = 0) -> list[Case]:
     import reference
 
     spec = reference.get(op_name).spec
-    domains = {t.name: t.domain for t in spec.inputs}
+    tensors = {t.name: t for t in spec.inputs}
     cases = []
     for c in spec.cases:
         rng = case_rng(seed, op_name, c["name"])
-        inputs = {k: draw(rng, domains[k], shape) for k, shape in c["shapes"].items()}
+        inputs = {k: draw(rng, tensors[k].domain, shape, upper_of(tensors[k], c["hparams"]))
+                  for k, shape in c["shapes"].items()}
         cases.append(Case(op_name, c["name"], inputs, dict(c["hparams"]), c["dialect"], seed,
                           overrides=dict(c["overrides"])))
     return cases

@@ -18,6 +18,7 @@ __all__ = [
     "OVERFLOW_THRESHOLD",
     "SMALLEST_NORMAL",
     "UNIT_ROUNDOFF",
+    "is_discrete",
     "is_half",
     "name_of",
     "np_dtype",
@@ -59,15 +60,24 @@ def name_of(array: Any) -> str:
     return str(np.asarray(array).dtype)
 
 
+def is_discrete(array: Any) -> bool:
+    """An integer or boolean array (labels, indices, masks): never rounded, widened or perturbed."""
+    return np.asarray(array).dtype.kind in "biu"
+
+
 def round_to(arrays: dict[str, Any], dtype: str) -> dict[str, np.ndarray]:
-    """Every array rounded (to nearest) to ``dtype``; values beyond its range become inf."""
+    """Every float array rounded (to nearest) to ``dtype``; values beyond its range become inf.
+    Integer and boolean arrays are passed unchanged."""
+    target = np_dtype(dtype)
     with np.errstate(over="ignore"):
-        return {k: np.asarray(v, dtype=np.float64).astype(np_dtype(dtype)) for k, v in arrays.items()}
+        return {k: np.asarray(v) if is_discrete(v) else np.asarray(v, dtype=np.float64).astype(target)
+                for k, v in arrays.items()}
 
 
 def widen(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Every array converted (exactly) to float64."""
-    return {k: np.asarray(v).astype(np.float64) for k, v in arrays.items()}
+    """Every float array converted (exactly) to float64; integer and boolean arrays unchanged."""
+    return {k: np.asarray(v) if is_discrete(v) else np.asarray(v).astype(np.float64)
+            for k, v in arrays.items()}
 
 
 def representable(array: Any, dtype: str) -> bool:

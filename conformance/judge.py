@@ -89,8 +89,9 @@ def baseline(request: Request, hp: dict[str, Any], arrays: dict[str, np.ndarray]
 
 
 def _exact_keys(op: reference.Op) -> set[str]:
-    """Integer-valued arrays (step counts, batch counters): read exactly, never perturbed."""
-    return ({f"in.{t.name}" for t in op.spec.inputs if t.exact}
+    """Integer-valued arrays (step counts, batch counters; int64 and bool inputs such as labels
+    and masks): read exactly, never perturbed."""
+    return ({f"in.{t.name}" for t in op.spec.inputs if t.exact or t.dtype != "float64"}
             | {f"state.{t.name}" for t in op.spec.state if t.exact})
 
 

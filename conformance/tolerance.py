@@ -127,7 +127,14 @@ from typing import Any
 
 import numpy as np
 
-from conformance.dtypes import OVERFLOW_THRESHOLD, SMALLEST_NORMAL, UNIT_ROUNDOFF, name_of, representable
+from conformance.dtypes import (
+    OVERFLOW_THRESHOLD,
+    SMALLEST_NORMAL,
+    UNIT_ROUNDOFF,
+    is_discrete,
+    name_of,
+    representable,
+)
 
 __all__ = [
     "K",
@@ -286,8 +293,10 @@ def _rms(values: np.ndarray) -> float:
 
 
 def largest_finite(arrays: list[Any]) -> float:
-    """The largest magnitude over the arrays that are entirely finite (0 when there is none)."""
-    return max([float(np.max(np.abs(v))) for v in arrays if np.size(v) and np.all(np.isfinite(v))] or [0.0])
+    """The largest magnitude over the float arrays that are entirely finite (0 when there is
+    none); labels, indices and masks are not magnitudes and are left out."""
+    return max([float(np.max(np.abs(v))) for v in arrays
+                if np.size(v) and not is_discrete(v) and np.all(np.isfinite(v))] or [0.0])
 
 
 def inherited(value: Any, scale: Any, scale_bound: Any) -> Any:

@@ -19,6 +19,7 @@ import numpy as np
 
 __all__ = [
     "Outputs",
+    "as_discrete",
     "as_float64",
     "is_array",
     "namespace",
@@ -96,6 +97,23 @@ def as_float64(value: Any, name: str, *, op: str = "", xp: Any = None) -> tuple[
     if dtype == xp.float64:
         return value, None
     return xp.astype(value, xp.float64), _dtype_name(xp, dtype)
+
+
+def as_discrete(value: Any, name: str, dtype: str, *, op: str = "") -> Any:
+    """An integer (``dtype="int64"``: class labels, indices) or boolean (``"bool"``: masks) input,
+    as an int64 or bool array of its own namespace; never promoted to float (so never rounded to
+    the dtype under test, never differentiated).  ``TypeError`` naming ``op``, ``name``, what
+    was expected and what came: a float array holding whole numbers is refused too (labels that
+    went through a float tensor are a bug the caller should see)."""
+    where = f"{op}: " if op else ""
+    if not is_array(value):
+        value = np.asarray(value)
+    xp = namespace(value)
+    kind = "integral" if dtype == "int64" else "bool"
+    if not xp.isdtype(value.dtype, kind):
+        wanted = "an integer array (int8 ... int64, uint8 ...)" if dtype == "int64" else "a boolean array"
+        raise TypeError(f"{where}{name} must be {wanted}, got {_dtype_name(xp, value.dtype)}")
+    return xp.astype(value, xp.int64) if dtype == "int64" and value.dtype != xp.int64 else value
 
 
 def to_numpy(value: Any) -> np.ndarray:

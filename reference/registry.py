@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reference._backend import Outputs, as_float64, is_array
+from reference._backend import Outputs, as_discrete, as_float64, is_array
 from reference.spec import (
     Citation,
     HParam,
@@ -119,6 +119,9 @@ class Op:
             if inputs.get(t.name) is None:
                 if not t.optional:
                     raise ValueError(f"{spec.name}: input {t.name!r} is required ({t.shape})")
+                continue
+            if t.dtype != "float64":
+                arrays[t.name] = as_discrete(inputs[t.name], t.name, t.dtype, op=spec.name)
                 continue
             arrays[t.name], orig = as_float64(inputs[t.name], t.name, op=spec.name)
             if orig:
@@ -354,12 +357,15 @@ def _wrap(op_name: str, kind: str) -> Callable[[Callable[..., Any]], Callable[..
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             arguments, hp = _bind(op_name, signature, args, kwargs)
+            discrete = {t.name: t.dtype for t in all_specs()[op_name].inputs if t.dtype != "float64"}
             arrays = {}
             for key, value in arguments.items():
                 if key in hp:
                     continue
                 if value is None:
                     arrays[key] = None
+                elif key in discrete:
+                    arrays[key] = as_discrete(value, key, discrete[key], op=op_name)
                 elif is_array(value) or isinstance(value, (list, tuple, float, int)):
                     arrays[key], _ = as_float64(value, key, op=op_name)
                 else:

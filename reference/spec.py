@@ -29,7 +29,12 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   norm's ``w = W / sigma``: conformance/tolerance.py), ``domain`` (inputs: the
                   values generated cases draw, one of ``DOMAINS``: ``normal`` N(0, 1), the
                   default; ``around_one`` 1 + N(0, 1)/2 for gains, so no channel is switched off;
-                  ``steps`` 0, 1, 2, ... for step counts)
+                  ``steps`` 0, 1, 2, ... for step counts; ``index`` for int64 inputs, uniform in
+                  [0, ``upper``); ``mask`` for bool inputs, each element True with probability
+                  1/2), ``dtype`` (inputs: ``float64``, the default, or ``int64`` / ``bool`` for
+                  labels, indices and masks: passed to the oracle and to adapters unchanged,
+                  never rounded to the dtype under test, perturbed or differentiated), ``upper``
+                  (int64 inputs: an int, or the name of an int hyper-parameter)
 ``[hparams.<name>]``  ``type`` (float|int|bool|str|axes), ``default``, optional ``allowed``,
                   ``min``/``max`` (inclusive) or ``gt``/``lt`` (exclusive), ``nullable``, ``doc``.
                   TOML has no null: the string ``"None"`` stands for Python ``None`` where
@@ -81,6 +86,7 @@ __all__ = [
     "all_specs",
     "load_spec",
     "specs_dir",
+    "specs_dirs",
 ]
 
 BACKWARD_KINDS = ("exact", "custom", "surrogate", "none")
@@ -88,8 +94,9 @@ HPARAM_TYPES = ("float", "int", "bool", "str", "axes", "mask")
 KINDS = ("op", "optimizer")
 GRADIENT_SOURCES = ("fixed", "quadratic", "rosenbrock")
 NONE_SENTINEL = "None"
-#: The value domains an input may declare (drawn by conformance/cases.py::draw).
-DOMAINS = ("normal", "around_one", "steps")
+#: The value domains an input may declare (drawn by conformance/cases.py::draw), by input dtype.
+DOMAINS_OF = {"float64": ("normal", "around_one", "steps"), "int64": ("index",), "bool": ("mask",)}
+DOMAINS = tuple(d for ds in DOMAINS_OF.values() for d in ds)
 #: The top-level keys of each kind of spec (the module docstring).
 _COMMON_KEYS = {"name", "family", "summary", "kind", "properties", "citation", "hparams", "dialects", "cases"}
 TOP_KEYS = {"op": _COMMON_KEYS | {"function", "vjp", "init_state", "backward", "inputs", "state", "outputs"},
@@ -101,9 +108,17 @@ class SpecError(ValueError):
 
 
 def specs_dir() -> Path:
-    """The folder holding the specs: ``$NORMREF_SPECS`` or ``specs/`` next to the package."""
+    """The first folder of :func:`specs_dirs`."""
+    return specs_dirs()[0]
+
+
+def specs_dirs() -> list[Path]:
+    """The folders holding the specs: ``$NORMREF_SPECS`` (several joined by ``os.pathsep``: a
+    project's own ops beside normref's) or ``specs/`` next to the package."""
     env = os.environ.get("NORMREF_SPECS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "specs"
+    if env:
+        return [Path(p) for p in env.split(os.pathsep) if p]
+    return [Path(__file__).resolve().parent.parent / "specs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +147,12 @@ class TensorSpec:
     #: inputs: the values a generated case draws (conformance/cases.py::draw): "normal" N(0, 1),
     #: "around_one" 1 + N(0, 1)/2 (gains: no channel switched off), "steps" 0, 1, 2, ...
     domain: str = "normal"
+    #: inputs: "float64" (promoted, rounded to the dtype under test, perturbed by the error
+    #: model), or "int64" / "bool" (class labels, indices, masks: passed to every side unchanged,
+    #: never rounded, perturbed or differentiated)
+    dtype: str = "float64"
+    #: int64 inputs: values lie in [0, upper); an integer or the name of an int hyper-parameter
+    upper: int | str = ""
     #: outputs: the name of another output this one is multiplied or divided by (spectral norm's
     #: ``w = W / sigma``): that output's own rounding error enters this one relatively
     scaled_by: str = ""
@@ -338,8 +359,11 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
     if key == "outputs":
         allowed.add("scaled_by")
     if key == "inputs":
-        allowed.add("domain")
+        allowed |= {"domain", "dtype", "upper"}
     for w, item in _tables(data, key, where, allowed):
+        dtype = str(item.get("dtype", "float64"))
+        if dtype not in DOMAINS_OF:
+            raise SpecError(f"{w}: dtype must be one of {tuple(DOMAINS_OF)}, got {dtype!r}")
         out.append(
             TensorSpec(
                 name=_need(item, "name", str, w),
@@ -349,11 +373,21 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
                 doc=str(item.get("doc", "")),
                 exact=bool(item.get("exact", False)),
                 scaled_by=str(item.get("scaled_by", "")),
-                domain=str(item.get("domain", "normal")),
+                domain=str(item.get("domain", DOMAINS_OF[dtype][0])),
+                dtype=dtype,
+                upper=item.get("upper", ""),
             )
         )
-        if out[-1].domain not in DOMAINS:
-            raise SpecError(f"{w}: domain must be one of {DOMAINS}, got {out[-1].domain!r}")
+        t = out[-1]
+        if t.domain not in DOMAINS_OF[dtype]:
+            raise SpecError(f"{w}: domain of a {dtype} input must be one of {DOMAINS_OF[dtype]}, "
+                            f"got {t.domain!r}")
+        if dtype != "float64" and (t.differentiable or t.exact):
+            raise SpecError(f"{w}: a {dtype} input is never differentiable or perturbed; drop "
+                            "differentiable/exact")
+        if (dtype == "int64") != (t.upper != ""):
+            raise SpecError(f"{w}: 'upper' (values in [0, upper): an int or an int hyper-parameter) "
+                            "is for int64 inputs, and every int64 input needs it")
     names = {t.name for t in out}
     for t in out:
         if t.scaled_by and (t.scaled_by not in names or t.scaled_by == t.name):
@@ -475,6 +509,12 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
     if backward not in BACKWARD_KINDS:
         raise SpecError(f"{where}: backward must be one of {BACKWARD_KINDS}, got {backward!r}")
     inputs = _tensors(data, "inputs", where)
+    for t in inputs:
+        if t.dtype == "int64" and not (
+                (isinstance(t.upper, int) and t.upper >= 1)
+                or (isinstance(t.upper, str) and t.upper in hparams and hparams[t.upper].type == "int")):
+            raise SpecError(f"{where} [[inputs]] {t.name!r}: upper must be an int >= 1 or the name of an "
+                            f"int hyper-parameter, got {t.upper!r}")
     differentiable = [t.name for t in inputs if t.differentiable]
     if backward == "none" and ("vjp" in data or differentiable):
         raise SpecError(f"{where}: backward = 'none' has no 'vjp' and no differentiable input, got "
@@ -617,10 +657,9 @@ def _cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, A
 
 @functools.cache
 def all_specs() -> dict[str, Spec]:
-    """Every spec under :func:`specs_dir`, by op name (loaded once per process)."""
-    root = specs_dir()
+    """Every spec under :func:`specs_dirs`, by op name (loaded once per process)."""
     specs: dict[str, Spec] = {}
-    for path in sorted(root.glob("*/*.toml")):
+    for path in [p for root in specs_dirs() for p in sorted(root.glob("*/*.toml"))]:
         spec = load_spec(path)
         if spec.name in specs:
             raise SpecError(f"{path}: op {spec.name!r} is also defined in {specs[spec.name].path}")

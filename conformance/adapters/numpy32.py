@@ -18,14 +18,14 @@ import numpy as np
 
 import reference
 from conformance.adapters import OpSupport, Request, Response
-from conformance.dtypes import DTYPES
+from conformance.dtypes import DTYPES, np_dtype
 from reference.normalizers._stats import statistics_saved_in
 
 
 def _compute(value: np.ndarray) -> np.ndarray:
     """The compute dtype: float32 for the half types (opmath), the array's own dtype otherwise."""
     value = np.asarray(value)
-    if value.dtype.itemsize < 4:
+    if value.dtype.itemsize < 4 and value.dtype.kind not in "biu":  # labels and masks as they are
         return value.astype(np.float32)
     return value
 
@@ -75,7 +75,7 @@ class NumPy32Adapter:
             else:
                 outputs = {t.name: v for t, v in zip(spec.outputs, outputs, strict=True)}
             grads = {}
-            store = request.inputs[next(iter(request.inputs))].dtype
+            store = np_dtype(request.dtype)
             if request.cotangents is not None:
                 cts = {"d" + t.name: cotangents.get(t.name) for t in spec.outputs}
                 saved = store if self.saved_statistics and store.itemsize < 4 else None

@@ -1,0 +1,49 @@
+"""Ops that exist only to exercise the contract (tests/specs/testing/*.toml, loaded by tests
+that add ``tests/specs`` to ``NORMREF_SPECS``).
+
+``class_center``: integer labels and a boolean mask as inputs.  Each row has a class label in
+[0, C) and a validity flag; the class means are taken over the valid rows of the class, and every
+row (valid or not) is centred by the mean of its class:
+
+    n_c = #{j : l_j = c, m_j},   mu_c = (1 / n_c) sum_{j : l_j = c, m_j} x_j   (mu_c = 0 if n_c = 0)
+    y_i = x_i - mu_{l_i}
+
+VJP: x_j enters mu_{l_j} with weight m_j / n_{l_j}, and mu_c enters every row labelled c, so
+
+    dx_j = dy_j - m_j / n_{l_j} * sum_{i : l_i = l_j} dy_i.
+
+(The class-conditional centring of class-conditional normalization layers, reduced to its mean.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reference._backend import namespace
+from reference.registry import oracle_function, oracle_vjp
+
+
+def _memberships(x: Any, labels: Any, valid: Any, num_classes: int) -> tuple[Any, Any, Any]:
+    """The one-hot labels M (N, C), the valid-row memberships, and 1/n_c (0 for an empty class)."""
+    xp = namespace(x)
+    onehot = xp.astype(labels[:, None] == xp.arange(num_classes)[None, :], x.dtype)
+    members = onehot * xp.astype(valid, x.dtype)[:, None]
+    counts = xp.sum(members, axis=0)
+    inverse = xp.where(counts > 0, 1.0 / xp.where(counts > 0, counts, 1.0), 0.0)
+    return onehot, members, xp.astype(inverse, x.dtype)
+
+
+@oracle_function("class_center")
+def class_center(x: Any, labels: Any, valid: Any, *, num_classes: int = 3) -> Any:
+    xp = namespace(x)
+    onehot, members, inverse = _memberships(x, labels, valid, num_classes)
+    means = xp.matmul(xp.matrix_transpose(members), x) * inverse[:, None]    # mu_c, (C, D)
+    return x - xp.matmul(onehot, means)
+
+
+@oracle_vjp("class_center")
+def class_center_vjp(dy: Any, x: Any, labels: Any, valid: Any, *, num_classes: int = 3) -> dict[str, Any]:
+    xp = namespace(x)
+    onehot, _, inverse = _memberships(x, labels, valid, num_classes)
+    per_class = xp.matmul(xp.matrix_transpose(onehot), dy) * inverse[:, None]  # sum dy / n_c
+    return {"x": dy - xp.astype(valid, x.dtype)[:, None] * xp.matmul(onehot, per_class)}

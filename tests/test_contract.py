@@ -1,0 +1,201 @@
+"""Contract v2: integer and boolean inputs (class labels, masks), shown by the test op
+``class_center`` (tests/contract_ops.py, tests/specs/testing/class_center.toml)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import helpers
+import reference
+from conformance import memo, planning, runner
+from conformance.adapters import OpSupport
+from conformance.adapters.numpy32 import NumPy32Adapter
+from reference.spec import SpecError, all_specs, load_spec, specs_dirs
+
+HERE = Path(__file__).parent
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def _forget() -> None:
+    all_specs.cache_clear()
+    planning.cases_for.cache_clear()
+    memo.clear()
+
+
+@pytest.fixture
+def test_ops(monkeypatch):
+    """normref's specs plus tests/specs (the contract's test ops), for this test only."""
+    monkeypatch.setenv("NORMREF_SPECS", os.pathsep.join([str(p) for p in specs_dirs()] + [str(HERE / "specs")]))
+    _forget()
+    yield reference.get("class_center")
+    monkeypatch.delenv("NORMREF_SPECS")
+    _forget()
+
+
+def _loop_reference(x, labels, valid, num_classes):
+    """The class means written as loops (tests/contract_ops.py docstring)."""
+    y = x.copy()
+    for c in range(num_classes):
+        members = [j for j in range(len(x)) if labels[j] == c and valid[j]]
+        mean = np.mean(x[members], axis=0) if members else np.zeros(x.shape[1])
+        y[labels == c] -= mean
+    return y
+
+
+def test_integer_and_boolean_inputs_in_the_oracle(test_ops):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 3))
+    labels = np.array([0, 4, 0, 2, 4, 4, 0], dtype=np.int32)   # any integer dtype; 1 and 3 absent
+    valid = np.array([True, True, False, True, False, True, True])
+    outputs, _ = test_ops.apply({"x": x, "labels": labels, "valid": valid}, None, num_classes=5)
+    y = outputs["y"]
+    assert np.allclose(y, _loop_reference(x, labels, valid, 5), rtol=0, atol=8 * 2.0**-53 * np.max(np.abs(x)))
+    helpers.assert_vjp("class_center", {"x": x, "labels": labels, "valid": valid}, num_classes=5)
+    grads = test_ops.vjp({"x": x, "labels": labels, "valid": valid}, None, {"y": np.ones_like(x)}, num_classes=5)
+    assert set(grads) == {"x"}   # labels and masks are never differentiated
+
+
+@pytest.mark.parametrize(("given", "needle"), [
+    ({"labels": np.array([0.0, 1.0, 2.0])}, "labels must be an integer array (int8 ... int64, uint8 ...), got float64"),
+    ({"labels": np.array([True, False, True])}, "labels must be an integer array (int8 ... int64, uint8 ...), got bool"),
+    ({"valid": np.array([1, 0, 1])}, "valid must be a boolean array, got int64"),
+])
+def test_a_label_or_mask_of_the_wrong_kind_is_named(test_ops, given, needle):
+    inputs = {"x": np.ones((3, 2)), "labels": np.array([0, 1, 2]), "valid": np.ones(3, dtype=bool), **given}
+    with pytest.raises(TypeError, match=needle.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        test_ops.apply(inputs, None)
+
+
+@pytest.mark.checks("class_means_of_valid_rows_are_zero", "empty_class_leaves_rows_unchanged")
+def test_generated_cases_draw_labels_in_their_domain(test_ops):
+    """Labels are int64 in [0, num_classes) (one class: all 0; nine classes over four rows:
+    some absent), masks are bool; the op's claims hold on every generated case."""
+    seen_absent = False
+    for case in planning.cases_for("class_center", planning.PROFILES["default"], 0):
+        name, c = case
+        labels, valid, x = c.inputs["labels"], c.inputs["valid"], c.inputs["x"]
+        k = c.hparams["num_classes"]
+        assert labels.dtype == np.int64 and valid.dtype == np.bool_, name
+        assert labels.min() >= 0 and labels.max() < k, name
+        if not np.all(np.isfinite(x)):
+            continue
+        y = test_ops.apply(c.inputs, None, **c.hparams)[0]["y"]
+        for cls in range(k):
+            rows = (labels == cls) & valid
+            if rows.any():
+                assert np.allclose(np.sum(y[rows], axis=0), 0.0, atol=64 * 2.0**-53 * np.sum(np.abs(x[labels == cls])))
+            elif (labels == cls).any():
+                seen_absent = True
+                assert np.array_equal(y[labels == cls], x[labels == cls])
+    assert seen_absent
+
+
+class _Recording(NumPy32Adapter):
+    """The same-precision baseline, recording what it is sent."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list = []
+
+    def ops(self):
+        return {"class_center": OpSupport({}, DTYPES, "test")}
+
+    def evaluate(self, op, request):
+        self.seen.append(request)
+        return super().evaluate(op, request)
+
+
+def test_labels_and_masks_reach_the_adapter_unchanged_and_a_correct_adapter_passes(test_ops):
+    adapter = _Recording()
+    planned = runner.plan(adapter, ops="^class_center$", dtypes=DTYPES, profile="quick")
+    results = runner.run(adapter, planned, profile="quick")
+    assert {r.verdict for r in results} <= {"PASS", "MISTRUSTED"} and any(r.verdict == "PASS" for r in results)
+    cases = {p.case.name: p.case for p in planned}
+    for request in adapter.seen:
+        assert request.inputs["labels"].dtype == np.int64 and request.inputs["valid"].dtype == np.bool_
+        assert request.inputs["x"].dtype.name == request.dtype or request.dtype == "bfloat16"
+    originals = [c.inputs["labels"] for c in cases.values()]
+    assert all(any(np.array_equal(r.inputs["labels"], o) for o in originals) for r in adapter.seen)
+    assert not any("grads.labels" in line or "grads.valid" in line for r in results for line in r.comparisons)
+
+
+class _IgnoresTheMask(_Recording):
+    """A forward mistake: the class means over every row of the class, valid or not."""
+
+    name = "ignores-mask"
+
+    def evaluate(self, op, request):
+        inputs = {**request.inputs, "valid": np.ones_like(request.inputs["valid"])}
+        return super().evaluate(op, dataclasses.replace(request, inputs=inputs))
+
+
+class _BackwardWithoutTheMask(_Recording):
+    """A backward mistake: dx = dy - (1/n) sum dy for every row, invalid ones included."""
+
+    name = "backward-no-mask"
+
+    def evaluate(self, op, request):
+        response = super().evaluate(op, request)
+        if request.cotangents is not None:
+            labels = request.inputs["labels"]
+            valid, dy = request.inputs["valid"], request.cotangents["y"].astype(np.float64)
+            k = request.hparams["num_classes"]
+            onehot = (labels[:, None] == np.arange(k)).astype(np.float64)
+            counts = (onehot * valid[:, None]).sum(axis=0)
+            per_class = onehot.T @ dy / np.where(counts > 0, counts, 1.0)[:, None]
+            response.grads = {"x": (dy - onehot @ per_class).astype(request.inputs["x"].dtype)}
+        return response
+
+
+@pytest.mark.parametrize("mutant", [_IgnoresTheMask, _BackwardWithoutTheMask])
+def test_mask_mutants_fail(test_ops, mutant):
+    adapter = mutant()
+    planned = runner.plan(adapter, ops="^class_center$", dtypes=("float64", "float32"), profile="quick")
+    results = runner.run(adapter, planned, profile="quick", diagnose_fail=False)
+    assert sum(r.verdict == "FAIL" for r in results) >= 2
+
+
+@pytest.mark.parametrize(("inputs_block", "needle"), [
+    ('name = "labels"\nshape = "(N,)"\ndtype = "int64"\n', "is for int64 inputs, and every int64 input needs it"),
+    ('name = "labels"\nshape = "(N,)"\ndtype = "int64"\nupper = "eps"\n', "upper must be an int >= 1 or the name of an int"),
+    ('name = "labels"\nshape = "(N,)"\ndtype = "int64"\nupper = 3\ndifferentiable = true\n', "never differentiable"),
+    ('name = "mask"\nshape = "(N,)"\ndtype = "bool"\ndomain = "index"\n', "domain of a bool input must be one of ('mask',)"),
+    ('name = "mask"\nshape = "(N,)"\ndtype = "int8"\n', "dtype must be one of ('float64', 'int64', 'bool')"),
+])
+def test_a_malformed_discrete_input_is_a_spec_error(tmp_path, inputs_block, needle):
+    text = textwrap.dedent("""\
+        name = "toy"
+        family = "testing"
+        summary = "toy"
+        function = "contract_ops:class_center"
+        vjp = "contract_ops:class_center_vjp"
+        backward = "exact"
+        [citation]
+        title = "t"
+        equations = "(1)"
+        code = "c"
+        [[inputs]]
+        name = "x"
+        shape = "(N, D)"
+        differentiable = true
+        [[inputs]]
+        """) + inputs_block + textwrap.dedent("""\
+        [[outputs]]
+        name = "y"
+        shape = "like x"
+        [hparams.eps]
+        type = "float"
+        default = 1e-5
+        """)
+    path = tmp_path / "toy.toml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_spec(path)
