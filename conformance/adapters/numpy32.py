@@ -75,7 +75,7 @@ class NumPy32Adapter:
             else:
                 outputs = {t.name: v for t, v in zip(spec.outputs, outputs, strict=True)}
             grads = {}
-            store = np_dtype(request.dtype)
+            store = np.dtype(np_dtype(request.dtype))
             if request.cotangents is not None:
                 cts = {"d" + t.name: cotangents.get(t.name) for t in spec.outputs}
                 saved = store if self.saved_statistics and store.itemsize < 4 else None
