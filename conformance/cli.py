@@ -98,6 +98,7 @@ def _show_record(spec: Any) -> dict[str, Any]:
         "spec": _spec_path(spec.path),
         "citation": dict(spec.citation.__dict__),
         "backward": spec.backward,
+        "backward_properties": list(spec.backward_properties),
         "properties": list(spec.properties),
         "inputs": [dict(t.__dict__) for t in spec.inputs],
         "state": [dict(t.__dict__) for t in spec.state],
@@ -150,7 +151,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         *([f"Oracle:    step {spec.function}, init {spec.init_state}",
            "Checked:   as a free-running trajectory (conformance/trajectory.py)"] if spec.is_optimizer else
           [f"Oracle:    {spec.function}  (VJP: {spec.vjp or 'none: no differentiable input'})",
-           f"Backward:  {_backward(spec)}; bounds derived per case (conformance/tolerance.py)"]),
+           f"Backward:  {_backward(spec)}"
+           + (f" (pinned by: {', '.join(spec.backward_properties)})" if spec.backward_properties else "")
+           + "; bounds derived per case (conformance/tolerance.py)"]),
         "",
         "Inputs:",
     ]

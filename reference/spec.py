@@ -19,7 +19,12 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   ``none`` (no input is differentiable: a schedule of the step count, a metric;
                   the spec has no ``vjp``, and every other kind needs one and a differentiable
                   input)
-``properties``    names of the invariants the property tests check
+``properties``    names of the invariants the property tests check (each the name of a test:
+                  tests/test_registry.py)
+``backward_properties``  (``custom`` and ``surrogate`` backwards, required there and only
+                  there) the properties, among ``properties``, that pin the declared backward
+                  down: they replace the finite-difference check, which holds only for the true
+                  gradient (tests/test_all_ops.py)
 ``[citation]``    ``title``, ``arxiv``, ``equations``, ``code`` (official code path), ``notes``
 ``[[inputs]]`` / ``[[state]]`` / ``[[outputs]]``: ``name``, ``shape`` (a rule in words),
                   ``differentiable`` (inputs), ``optional``, ``doc``, ``exact`` (inputs and
@@ -99,7 +104,8 @@ DOMAINS_OF = {"float64": ("normal", "around_one", "steps"), "int64": ("index",),
 DOMAINS = tuple(d for ds in DOMAINS_OF.values() for d in ds)
 #: The top-level keys of each kind of spec (the module docstring).
 _COMMON_KEYS = {"name", "family", "summary", "kind", "properties", "citation", "hparams", "dialects", "cases"}
-TOP_KEYS = {"op": _COMMON_KEYS | {"function", "vjp", "init_state", "backward", "inputs", "state", "outputs"},
+TOP_KEYS = {"op": _COMMON_KEYS | {"function", "vjp", "init_state", "backward", "backward_properties",
+                                  "inputs", "state", "outputs"},
             "optimizer": _COMMON_KEYS | {"step", "init", "slots"}}
 
 
@@ -273,6 +279,8 @@ class Spec:
     dialects: dict[str, dict[str, Any]] = field(default_factory=dict)
     cases: tuple[dict[str, Any], ...] = ()
     kind: str = "op"
+    #: custom / surrogate backwards: the properties that replace the finite-difference check
+    backward_properties: tuple[str, ...] = ()
     #: resolve()'s validated results, keyed by the call (the harness resolves the same few
     #: hyper-parameter sets hundreds of thousands of times per run)
     _resolved: dict[Any, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
@@ -522,6 +530,15 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
     if backward != "none" and not differentiable:
         raise SpecError(f"{where}: backward = {backward!r} needs a differentiable input (no input is "
                         "differentiable: backward = 'none')")
+    properties = tuple(data.get("properties", ()))
+    backward_properties = tuple(data.get("backward_properties", ()))
+    if (backward in ("custom", "surrogate")) != bool(backward_properties):
+        raise SpecError(f"{where}: backward_properties (the properties that pin a custom or surrogate "
+                        f"backward down, replacing the finite-difference check) are required for "
+                        f"backward = 'custom' / 'surrogate' and only there; backward is {backward!r}")
+    unknown = [p for p in backward_properties if p not in properties]
+    if unknown:
+        raise SpecError(f"{where}: backward_properties must be among properties, got {unknown}")
     return Spec(
         name=name,
         family=_need(data, "family", str, where),
@@ -532,7 +549,8 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
         vjp="" if backward == "none" else _need(data, "vjp", str, where),
         init_state=data.get("init_state"),
         backward=backward,
-        properties=tuple(data.get("properties", ())),
+        properties=properties,
+        backward_properties=backward_properties,
         inputs=inputs,
         state=_tensors(data, "state", where),
         outputs=_tensors(data, "outputs", where),

@@ -16,12 +16,16 @@ GRADCHECK_MAX_SIZE = 20_000
 
 CASES = [c for op in reference.ops("normalizers") for c in default_cases(op)]
 SMALL = [c for c in CASES if c.size <= GRADCHECK_MAX_SIZE]
-FIRST_PER_OP = list({c.op: c for c in reversed(SMALL)}.values())
+# A custom or surrogate backward is not the true gradient: its spec's backward_properties (bound
+# to tests, tests/test_registry.py) replace the finite-difference check.
+EXACT = [c for c in SMALL if reference.get(c.op).spec.backward == "exact"]
+FIRST_PER_OP = list({c.op: c for c in reversed(EXACT)}.values())
 
 
-@pytest.mark.parametrize("case", SMALL, ids=lambda c: f"{c.op}-{c.name}")
+@pytest.mark.parametrize("case", EXACT, ids=lambda c: f"{c.op}-{c.name}")
 def test_vjp_matches_finite_differences(case):
-    """<J^T u, v> = d/dt <u, f(x + t v)> to 1e-8 relative, for every differentiable input."""
+    """<J^T u, v> = d/dt <u, f(x + t v)> to 1e-8 relative, for every differentiable input of an
+    op whose backward is the exact gradient."""
     assert_vjp(case.op, case.inputs, None, rtol=1e-8, **case.hparams)
 
 
