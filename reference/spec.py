@@ -46,6 +46,14 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   ``nullable = true``.
 ``[dialects.<framework>]``  ``api`` (the framework call), ``source`` (file it was read from),
                   ``notes``, and ``hparams`` = the values that reproduce that framework.
+``[[error_cases]]``  bad arguments and the error they raise, run by tests/test_error_cases.py:
+                  ``name``; ``call`` (``apply`` or ``vjp``; ``step`` for optimizers); the
+                  arguments: ``shapes`` (input -> shape, values drawn from the input's domain),
+                  ``values`` (input -> explicit values), ``dtypes`` (input -> the dtype it is
+                  given in), ``state`` (slot -> shape, ones), ``cotangents`` (output -> shape),
+                  for optimizers ``params``/``grads`` (path -> shape); ``hparams`` (passed as
+                  given, unvalidated); ``error`` (``ValueError`` | ``TypeError``) and ``match`` (a
+                  regular expression the message must match)
 ``[[cases]]``     seeded default cases: ``name``, ``shapes`` (input name -> list of ints),
                   optional ``hparams`` (overrides) and ``dialect``.  The harness and the generic
                   tests draw standard-normal values for these shapes (conformance/cases.py).
@@ -103,7 +111,8 @@ NONE_SENTINEL = "None"
 DOMAINS_OF = {"float64": ("normal", "around_one", "steps"), "int64": ("index",), "bool": ("mask",)}
 DOMAINS = tuple(d for ds in DOMAINS_OF.values() for d in ds)
 #: The top-level keys of each kind of spec (the module docstring).
-_COMMON_KEYS = {"name", "family", "summary", "kind", "properties", "citation", "hparams", "dialects", "cases"}
+_COMMON_KEYS = {"name", "family", "summary", "kind", "properties", "citation", "hparams", "dialects", "cases",
+                "error_cases"}
 TOP_KEYS = {"op": _COMMON_KEYS | {"function", "vjp", "init_state", "backward", "backward_properties",
                                   "inputs", "state", "outputs"},
             "optimizer": _COMMON_KEYS | {"step", "init", "slots"}}
@@ -281,6 +290,8 @@ class Spec:
     kind: str = "op"
     #: custom / surrogate backwards: the properties that replace the finite-difference check
     backward_properties: tuple[str, ...] = ()
+    #: bad inputs and the error they must raise (tests/test_error_cases.py runs every one)
+    error_cases: tuple[dict[str, Any], ...] = ()
     #: resolve()'s validated results, keyed by the call (the harness resolves the same few
     #: hyper-parameter sets hundreds of thousands of times per run)
     _resolved: dict[Any, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
@@ -508,7 +519,7 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
             "hparams": values,
         }
     cases = _optimizer_cases(data, spec, where) if kind == "optimizer" else _cases(data, spec, where)
-    return Spec(**{**spec.__dict__, "cases": cases})
+    return Spec(**{**spec.__dict__, "cases": cases, "error_cases": _error_cases(data, spec, where)})
 
 
 def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
@@ -669,6 +680,59 @@ def _cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, A
         dialect, hparams, overrides = _case_hparams(item, spec, w)
         out.append({"name": name, "shapes": {k: tuple(v) for k, v in shapes.items()},
                     "hparams": hparams, "overrides": overrides, "dialect": dialect})
+    _unique_names(out, where)
+    return tuple(out)
+
+
+#: What an ``[[error_cases]]`` entry may say (the module docstring).
+ERROR_CASE_KEYS = {"name", "call", "shapes", "values", "dtypes", "state", "cotangents", "params", "grads",
+                   "hparams", "error", "match"}
+ERRORS = ("ValueError", "TypeError")
+
+
+def _shape_table(item: Mapping[str, Any], key: str, names: set[str] | None, w: str
+                 ) -> dict[str, tuple[int, ...]]:
+    table = item.get(key, {})
+    if not isinstance(table, dict):
+        raise SpecError(f"{w}: {key} must be a table of name -> shape")
+    for name, shape in table.items():
+        if names is not None and name not in names:
+            raise SpecError(f"{w}: {key} names unknown {name!r}; known: {sorted(names)}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise SpecError(f"{w}: {key}.{name} must be a list of non-negative ints, got {shape!r}")
+    return {k: tuple(v) for k, v in table.items()}
+
+
+def _error_cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, Any], ...]:
+    """``[[error_cases]]``: a call with bad arguments and the error it must raise."""
+    out = []
+    inputs = {t.name for t in spec.inputs}
+    for w, item in _tables(data, "error_cases", where, ERROR_CASE_KEYS):
+        call = item.get("call", "step" if spec.is_optimizer else "apply")
+        calls = ("step",) if spec.is_optimizer else ("apply", "vjp")
+        if call not in calls:
+            raise SpecError(f"{w}: call must be one of {calls}, got {call!r}")
+        error = _need(item, "error", str, w)
+        if error not in ERRORS:
+            raise SpecError(f"{w}: error must be one of {ERRORS}, got {error!r}")
+        hparams = item.get("hparams", {})
+        if not isinstance(hparams, dict):
+            raise SpecError(f"{w}: hparams must be a table")
+        values = item.get("values", {})
+        dtypes = item.get("dtypes", {})
+        for key, table in (("values", values), ("dtypes", dtypes)):
+            if not isinstance(table, dict) or (not spec.is_optimizer and set(table) - inputs):
+                raise SpecError(f"{w}: {key} must be a table over the inputs {sorted(inputs)}")
+        out.append({
+            "name": _need(item, "name", str, w), "call": call, "error": error,
+            "match": _need(item, "match", str, w),
+            "hparams": {k: _unsentinel(spec.hparams.get(k), v) for k, v in hparams.items()},
+            "shapes": _shape_table(item, "shapes", None if spec.is_optimizer else inputs, w),
+            "values": dict(values), "dtypes": dict(dtypes),
+            "state": _shape_table(item, "state", None, w),
+            "cotangents": _shape_table(item, "cotangents", {t.name for t in spec.outputs}, w),
+            "params": _shape_table(item, "params", None, w), "grads": _shape_table(item, "grads", None, w),
+        })
     _unique_names(out, where)
     return tuple(out)
 
