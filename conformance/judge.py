@@ -64,8 +64,10 @@ def oracle(op: reference.Op, hp: dict[str, Any], *, gradients: bool = True
             flat = {f"outputs.{k}": np.asarray(v, dtype=np.float64) for k, v in outputs.items()}
             flat.update({f"state.{k}": np.asarray(v, dtype=np.float64) for k, v in new_state.items()})
             if gradients and cts and spec.differentiable:
-                grads = op.vjp(inputs, state, cts, **hp)
+                # The backward pass's state (PowerNorm's gradient statistic) is the step's final value.
+                grads, updated = op.backward(inputs, state, cts, **hp)
                 flat.update({f"grads.{k}": np.asarray(v, dtype=np.float64) for k, v in grads.items()})
+                flat.update({f"state.{k}": np.asarray(v, dtype=np.float64) for k, v in updated.items()})
             return flat
 
     return evaluate

@@ -260,6 +260,17 @@ class Op:
 
         Outputs absent from ``cotangents`` get a zero cotangent.
         """
+        return self.backward(inputs, state, cotangents, **hparams)[0]
+
+    def backward(
+        self,
+        inputs: Mapping[str, Any],
+        state: Mapping[str, Any] | None,
+        cotangents: Mapping[str, Any],
+        **hparams: Any,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The backward pass: :meth:`vjp`'s gradients and the state it updates (the slots with
+        ``updated_in = "backward"``; ``{}`` for ops without)."""
         spec = self.spec
         if spec.is_optimizer or not spec.differentiable:
             raise TypeError(f"{spec.name} has no VJP: it has no differentiable input")
@@ -281,7 +292,11 @@ class Op:
                 cts["d" + t.name], _ = as_float64(cotangents[t.name], "d" + t.name, op=spec.name)
             else:
                 cts["d" + t.name] = None
-        return dict(self.vjp_function(**cts, **arrays, **hp))
+        result = self.vjp_function(**cts, **arrays, **hp)
+        if spec.backward_state:
+            grads, new_state = result
+            return dict(grads), dict(new_state)
+        return dict(result), {}
 
 
 def ops(family: str | None = None) -> list[str]:

@@ -27,7 +27,10 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   gradient (tests/test_all_ops.py)
 ``[citation]``    ``title``, ``arxiv``, ``equations``, ``code`` (official code path), ``notes``
 ``[[inputs]]`` / ``[[state]]`` / ``[[outputs]]``: ``name``, ``shape`` (a rule in words),
-                  ``differentiable`` (inputs), ``optional``, ``doc``, ``exact`` (inputs and
+                  ``differentiable`` (inputs), ``optional``, ``doc``, ``updated_in`` (state:
+                  ``forward``, the default, or ``backward``: the VJP reads and updates the slot and
+                  returns ``(grads, new_backward_state)``; the harness compares it like forward
+                  state, step after step), ``exact`` (inputs and
                   state: integer-valued, a step or batch count: read exactly, never perturbed),
                   ``scaled_by`` (outputs: the name of another output this one is multiplied or
                   divided by, whose own rounding error it inherits relatively, e.g. spectral
@@ -159,6 +162,9 @@ class TensorSpec:
     doc: str = ""
     per: str = ""   # optimizer slots: "param" (one array per parameter) or "global" (a scalar)
     exact: bool = False  # integer-valued (a step count): read exactly, never rounding-perturbed
+    #: state: "forward" (the forward pass updates it, the default) or "backward" (the VJP reads
+    #: and updates it, e.g. PowerNorm's running statistic of the output gradient)
+    updated_in: str = "forward"
     #: inputs: the values a generated case draws (conformance/cases.py::draw): "normal" N(0, 1),
     #: "around_one" 1 + N(0, 1)/2 (gains: no channel switched off), "steps" 0, 1, 2, ...
     domain: str = "normal"
@@ -301,6 +307,12 @@ class Spec:
         return self.kind == "optimizer"
 
     @property
+    def backward_state(self) -> tuple[str, ...]:
+        """The state slots the VJP updates (``updated_in = "backward"``): its function then returns
+        ``(grads, new_backward_state)``."""
+        return tuple(t.name for t in self.state if t.updated_in == "backward")
+
+    @property
     def differentiable(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.inputs if t.differentiable)
 
@@ -379,6 +391,8 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
         allowed.add("scaled_by")
     if key == "inputs":
         allowed |= {"domain", "dtype", "upper"}
+    if key == "state":
+        allowed.add("updated_in")
     for w, item in _tables(data, key, where, allowed):
         dtype = str(item.get("dtype", "float64"))
         if dtype not in DOMAINS_OF:
@@ -395,9 +409,12 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
                 domain=str(item.get("domain", DOMAINS_OF[dtype][0])),
                 dtype=dtype,
                 upper=item.get("upper", ""),
+                updated_in=str(item.get("updated_in", "forward")),
             )
         )
         t = out[-1]
+        if t.updated_in not in ("forward", "backward"):
+            raise SpecError(f"{w}: updated_in must be 'forward' or 'backward', got {t.updated_in!r}")
         if t.domain not in DOMAINS_OF[dtype]:
             raise SpecError(f"{w}: domain of a {dtype} input must be one of {DOMAINS_OF[dtype]}, "
                             f"got {t.domain!r}")
@@ -550,6 +567,9 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
     unknown = [p for p in backward_properties if p not in properties]
     if unknown:
         raise SpecError(f"{where}: backward_properties must be among properties, got {unknown}")
+    state = _tensors(data, "state", where)
+    if backward == "none" and any(t.updated_in == "backward" for t in state):
+        raise SpecError(f"{where}: state updated_in = 'backward' needs a backward pass (backward is 'none')")
     return Spec(
         name=name,
         family=_need(data, "family", str, where),
@@ -563,7 +583,7 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
         properties=properties,
         backward_properties=backward_properties,
         inputs=inputs,
-        state=_tensors(data, "state", where),
+        state=state,
         outputs=_tensors(data, "outputs", where),
         hparams=hparams,
         dialects={},

@@ -47,3 +47,36 @@ def class_center_vjp(dy: Any, x: Any, labels: Any, valid: Any, *, num_classes: i
     onehot, _, inverse = _memberships(x, labels, valid, num_classes)
     per_class = xp.matmul(xp.matrix_transpose(onehot), dy) * inverse[:, None]  # sum dy / n_c
     return {"x": dy - xp.astype(valid, x.dtype)[:, None] * xp.matmul(onehot, per_class)}
+
+
+# --------------------------------------------------------------------------------------------
+# backward_ema: state updated by the backward pass, and a custom backward
+# --------------------------------------------------------------------------------------------
+#
+# The forward is the identity, y = x; the backward keeps an exponential moving average of the
+# mean squared output gradient and divides by its root (the shape of PowerNorm's backward, which
+# normalizes the gradient by a running statistic updated in the backward pass):
+#
+#     phi' = momentum phi + (1 - momentum) mean(dy^2),   dx = dy / sqrt(phi' + eps)
+#
+# dx is not the gradient of y = x (that is dy): the backward is "custom", pinned by its two
+# properties; phi is state with updated_in = "backward", read and returned by the VJP.
+
+
+@oracle_function("backward_ema")
+def backward_ema(x: Any, phi: Any, *, momentum: float = 0.9, eps: float = 1e-5) -> tuple[Any, dict[str, Any]]:
+    xp = namespace(x)
+    return xp.asarray(x, copy=True), {"phi": phi}   # the forward leaves phi alone
+
+
+@oracle_vjp("backward_ema")
+def backward_ema_vjp(dy: Any, x: Any, phi: Any, *, momentum: float = 0.9, eps: float = 1e-5
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    xp = namespace(x)
+    updated = momentum * phi + (1.0 - momentum) * xp.mean(dy * dy)
+    return {"x": dy / xp.sqrt(updated + eps)}, {"phi": updated}
+
+
+def backward_ema_init(x: Any) -> dict[str, Any]:
+    """phi = 1: the statistic of unit gradients."""
+    return {"phi": namespace(x).asarray(1.0, dtype=namespace(x).float64)}

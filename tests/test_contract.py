@@ -199,3 +199,63 @@ def test_a_malformed_discrete_input_is_a_spec_error(tmp_path, inputs_block, need
     path.write_text(text)
     with pytest.raises(SpecError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_spec(path)
+
+
+# -- state updated by the backward pass (custom backward): backward_ema -------------------------
+
+
+@pytest.mark.checks("statistic_is_an_ema_of_mean_squared_dy", "dx_is_dy_over_root_of_updated_statistic")
+def test_the_backward_pass_returns_its_state(test_ops):
+    op = reference.get("backward_ema")
+    assert op.spec.backward_state == ("phi",) and op.spec.backward == "custom"
+    rng = np.random.default_rng(1)
+    x, phi = rng.standard_normal((4, 3)), np.asarray(0.7)
+    outputs, state = op.apply({"x": x}, {"phi": phi}, momentum=0.8)
+    assert np.array_equal(outputs["y"], x) and np.array_equal(state["phi"], phi)  # the forward keeps phi
+    dy = rng.standard_normal((4, 3))
+    grads, updated = op.backward({"x": x}, {"phi": phi}, {"y": dy}, momentum=0.8)
+    expected_phi = 0.8 * 0.7 + 0.2 * np.mean(dy * dy)
+    assert np.isclose(updated["phi"], expected_phi, rtol=4 * 2.0**-53, atol=0)
+    assert np.allclose(grads["x"], dy / np.sqrt(expected_phi + 1e-5), rtol=8 * 2.0**-53, atol=0)
+    assert set(op.vjp({"x": x}, {"phi": phi}, {"y": dy}, momentum=0.8)) == {"x"}
+
+
+class _BackwardEmaAdapter(NumPy32Adapter):
+    name = "backward-ema"
+
+    def ops(self):
+        return {"backward_ema": OpSupport({}, DTYPES, "test")}
+
+
+class _ForgetsTheBackwardState(_BackwardEmaAdapter):
+    """Runs the backward but returns the state as the forward left it (the update is lost)."""
+
+    name = "forgets-backward-state"
+
+    def evaluate(self, op, request):
+        response = super().evaluate(op, request)
+        response.state = dict(request.state)
+        return response
+
+
+class _MomentumOnTheNewValue(_BackwardEmaAdapter):
+    """The other EMA convention: phi' = (1 - m) phi + m mean(dy^2)."""
+
+    name = "ema-convention"
+
+    def evaluate(self, op, request):
+        hp = {**request.hparams, "momentum": 1.0 - request.hparams["momentum"]}
+        return super().evaluate(op, dataclasses.replace(request, hparams=hp))
+
+
+def test_state_the_backward_updates_is_compared_step_by_step(test_ops):
+    control = _BackwardEmaAdapter()
+    planned = runner.plan(control, ops="^backward_ema$", dtypes=("float64", "float32"), profile="quick")
+    results = runner.run(control, planned, profile="quick")
+    assert {r.verdict for r in results} <= {"PASS", "MISTRUSTED"}
+    assert all(r.steps == runner.PROFILES["quick"].steps for r in results if r.verdict == "PASS")
+    for mutant in (_ForgetsTheBackwardState(), _MomentumOnTheNewValue()):
+        results = runner.run(mutant, planned, profile="quick", diagnose_fail=False)
+        failing = [r for r in results if r.verdict == "FAIL"]
+        assert len(failing) >= 2, mutant.name
+        assert any("state.phi" in line for r in failing for line in r.comparisons), mutant.name

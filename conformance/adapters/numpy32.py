@@ -80,7 +80,11 @@ class NumPy32Adapter:
                 cts = {"d" + t.name: cotangents.get(t.name) for t in spec.outputs}
                 saved = store if self.saved_statistics and store.itemsize < 4 else None
                 with (statistics_saved_in(saved) if saved is not None else contextlib.nullcontext()):
-                    grads = dict(_raw(bound.vjp_function)(**cts, **arrays, **request.hparams))
+                    grads = _raw(bound.vjp_function)(**cts, **arrays, **request.hparams)
+                if spec.backward_state:  # the backward pass also updates state
+                    grads, backward_state = grads
+                    new_state = {**new_state, **backward_state}
+                grads = dict(grads)
 
         def out(tree: dict[str, Any]) -> dict[str, np.ndarray]:
             return {k: _stored(v, store) for k, v in tree.items()}
