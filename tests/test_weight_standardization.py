@@ -1,5 +1,6 @@
 """Weight Standardization: forward vs mpmath on adversarial filters, properties, torch (timm, README,
-BCN, Chainer formulas) and JAX (NFNets formula) cross-checks, constant filters, errors."""
+BCN, Chainer formulas) and JAX (NFNets formula) cross-checks, constant filters
+(bad input: the spec's [[error_cases]], tests/test_error_cases.py)."""
 
 from __future__ import annotations
 
@@ -294,31 +295,3 @@ def test_nfnets_tie_splits_the_gradient_like_jax():
     np.testing.assert_allclose(dw, 0.5 * (below + above), rtol=1e-11)
     assert np.max(np.abs(below - above)) > 0.1
 
-
-# --- bad input --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("inputs", "hparams", "exc", "pattern"),
-    [
-        ({"weight": np.ones(4)}, {}, ValueError,
-         r"weight_standardization: weight must have >= 2 dimensions, got 1"),
-        ({"weight": np.ones((0, 3, 3, 3))}, {}, ValueError, r"weight must not be empty"),
-        ({"weight": np.ones((3, 4))}, {"eps": 0.0}, ValueError, r"'eps' must be float > 0.0, got 0.0"),
-        ({"weight": np.ones((3, 4))}, {"eps": -1e-5}, ValueError, r"'eps' must be float > 0.0"),
-        ({"weight": np.ones((3, 4))}, {"correction": 2}, ValueError, r"'correction' must be int one of 0, 1"),
-        ({"weight": np.ones((3, 4))}, {"eps_mode": "add"}, ValueError, r"'eps_mode' must be str one of"),
-        ({"weight": np.ones((3, 4))}, {"axis": 2}, ValueError, r"axis=2 is out of range"),
-        ({"weight": np.ones((3, 1, 1, 1))}, {"correction": 1}, ValueError,
-         r"correction=1 needs more than 1 fan-in value per filter, got weight of shape \(3, 1, 1, 1\)"),
-        ({"weight": np.ones((3, 4), dtype=np.int64)}, {}, TypeError, r"weight must have a real floating dtype"),
-    ],
-)
-def test_bad_input_raises_a_clear_error(inputs, hparams, exc, pattern):
-    with pytest.raises(exc, match=pattern):
-        OP.apply(inputs, None, **hparams)
-
-
-def test_cotangent_shape_is_checked():
-    with pytest.raises(ValueError, match=r"dw_hat must have shape \(3, 4\)"):
-        OP.vjp({"weight": RNG.standard_normal((3, 4))}, None, {"w_hat": np.ones((4, 3))})
