@@ -1,6 +1,6 @@
 """Shared pieces of the optimizer tests: parameter trees, gradient sequences, trajectories of the
 oracle, torch optimizers and optax over the same steps, their relative difference, the adapter
-and harness-form checks and the bad-input assertions."""
+and harness-form checks (bad inputs are each spec's [[error_cases]]: tests/test_error_cases.py)."""
 
 from __future__ import annotations
 
@@ -320,26 +320,3 @@ def check_harness_form(op: Any, slot: str | None, **hp: Any) -> tuple[dict[str, 
         np.testing.assert_array_equal(new["fc"]["weight"], out["params/fc/weight"])
         np.testing.assert_array_equal(st_nested[slot]["fc"]["bias"], state[f"{slot}/fc/bias"])
     return inputs, state
-
-
-# ------------------------------------------------------------------------------------------
-# Bad input
-# ------------------------------------------------------------------------------------------
-
-
-def assert_init_rejects(module: Any, errors: dict[type, dict[str, Any]]) -> None:
-    """``module.init(params, name=value)`` raises the exception it is listed under, with a message
-    naming ``name``: ``errors`` maps an exception type to the ``{name: bad value}`` that raise it."""
-    params = {"w": np.ones((2, 2))}
-    for exc, cases in errors.items():
-        for name, value in cases.items():
-            with pytest.raises(exc, match=name):
-                module.init(params, **{name: value})
-
-
-def assert_misshapen_grads_rejected(module: Any) -> None:
-    """``module.step`` names ``grads`` when a gradient's shape is not its parameter's."""
-    params = {"w": np.ones((2, 2))}
-    state = module.init(params)
-    with pytest.raises(ValueError, match="grads"):
-        module.step(params, {"w": np.ones((3, 2))}, state)

@@ -59,3 +59,9 @@ def _call(op: Any, case: dict[str, Any]) -> Any:
 def test_bad_input_raises_a_clear_error(op, case):
     with pytest.raises(getattr(builtins, case["error"]), match=case["match"]):
         _call(reference.get(op), case)
+
+
+@pytest.mark.parametrize("op", reference.ops())
+def test_every_op_declares_its_bad_inputs(op):
+    """Bad input gets a clear error: each op's spec lists at least one bad argument of its own."""
+    assert reference.get(op).spec.error_cases, f"{op}: no [[error_cases]] in its spec"

@@ -249,17 +249,6 @@ def test_optax_mapping_matches_the_oracle(monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 
-def test_bad_hparams_name_the_argument():
-    oh.assert_init_rejects(adafactor, {
-        ValueError: {"factored_dims": "first_two", "beta2_cap": 1.5, "clipping_threshold": 0.0,
-                     "decay_rate": -0.8, "beta1": 1.0},
-    })
-    params = {"w": np.ones((2, 2))}
-    with pytest.raises(ValueError, match="decay_offset"):
-        adafactor.step(params, params, adafactor.init(params), decay_offset=3)
-    oh.assert_misshapen_grads_rejected(adafactor)
-
-
 def test_harness_form_and_nested_params():
     op = reference.get("adafactor")
     _, state = oh.check_harness_form(op, "exp_avg", **{**op.dialect("transformers"), "beta1": 0.9})

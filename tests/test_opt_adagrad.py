@@ -173,15 +173,6 @@ def test_optax_trajectory():
 # ------------------------------------------------------------------------------------------
 
 
-def test_bad_hparams_name_the_argument():
-    oh.assert_init_rejects(adagrad, {
-        ValueError: {"eps_placement": "middle", "lr_decay": -0.1, "initial_accumulator_value": -1.0,
-                     "empty_accumulator": "skip"},
-        TypeError: {"momentum": 0.9},
-    })
-    oh.assert_misshapen_grads_rejected(adagrad)
-
-
 def test_harness_form_and_nested_params():
     op = reference.get("adagrad")
     _, state = oh.check_harness_form(op, "sum", **op.dialect("optax"))

@@ -1,5 +1,5 @@
 """LAMB (reference/optimizers/lamb.py): invariants, optax / pytorch_optimizer trajectories, the
-trust scope and pre-clip conventions, bad input."""
+trust scope and pre-clip conventions (bad input: the spec's [[error_cases]])."""
 
 from __future__ import annotations
 
@@ -157,12 +157,6 @@ def test_m_step_and_phi_bounds():
         prev = new
 
 
-def test_phi_min_above_phi_max_is_rejected():
-    params = {"w": np.ones((2, 2))}
-    with pytest.raises(ValueError, match="phi_min"):
-        lamb.step(params, params, lamb.init(params), phi_min=2.0, phi_max=1.0)
-
-
 def test_raw_function_keeps_float32_and_harness_form():
     rng = np.random.default_rng(0)
     params = oh.as_float32(oh.tree(rng, SHAPES))
@@ -180,19 +174,6 @@ def test_raw_function_keeps_float32_and_harness_form():
     assert set(state) == {"step", *(f"{s}/{p}" for s in ("exp_avg", "exp_avg_sq") for p in SHAPES)}
     out2, _ = OP.apply(flat, state, lr=1e-2, global_clip=1.0)
     assert all(out2[k].dtype == np.float64 for k in out2)
-
-
-@pytest.mark.parametrize("key,value,exc,pattern", [
-    ("beta1", 1.0, ValueError, "beta1"),
-    ("bias_correction", True, TypeError, "bias_correction"),
-    ("weight_decay_mode", "adamw", ValueError, "weight_decay_mode"),
-    ("trust_scope", "some", ValueError, "trust_scope"),
-    ("global_clip", -1.0, ValueError, "global_clip"),
-])
-def test_bad_hparams_name_the_argument(key, value, exc, pattern):
-    params = {"w": np.ones((2, 2))}
-    with pytest.raises(exc, match=pattern):
-        lamb.step(params, params, lamb.init(params), **{key: value})
 
 
 # ------------------------------------------------------------------------------------------

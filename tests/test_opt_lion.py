@@ -160,14 +160,6 @@ def test_optax_mapping_matches_the_oracle():
 # ------------------------------------------------------------------------------------------
 
 
-def test_bad_hparams_name_the_argument():
-    oh.assert_init_rejects(lion, {
-        ValueError: {"beta1": 1.5, "beta2": -0.1, "weight_decay_mode": "coupled"},
-        TypeError: {"eps": 1e-8},
-    })
-    oh.assert_misshapen_grads_rejected(lion)
-
-
 def test_harness_form_and_nested_params():
     op = reference.get("lion")
     _, state = oh.check_harness_form(op, "exp_avg", **op.dialect("optax"))

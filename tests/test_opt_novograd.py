@@ -182,15 +182,6 @@ def test_optax_mapping_matches_the_oracle(extra):
 # ------------------------------------------------------------------------------------------
 
 
-def test_bad_hparams_name_the_argument():
-    oh.assert_init_rejects(novograd, {
-        ValueError: {"beta2": 1.0, "eps_mode": "both", "first_moment_init": "ones",
-                     "weight_decay_mode": "l2"},
-        TypeError: {"grad_averaging": "yes"},
-    })
-    oh.assert_misshapen_grads_rejected(novograd)
-
-
 def test_harness_form_and_nested_params():
     op = reference.get("novograd")
     _, state = oh.check_harness_form(op, "exp_avg_sq", **op.dialect("optax"))
