@@ -6,13 +6,14 @@ probes and the diagnosis are seeded by the case (``conformance/tolerance.py``), 
 are put back in the planned order: the same seed gives the same JSON as one process, timings
 aside.
 
-Work is handed out by op (the contiguous run of planned cases of one op, all its dtypes), the unit
-whose oracle values a worker may reuse.  Each worker loads the adapter once, from the name or path
-it was loaded from (``load_adapter`` records it), or from a pickled copy of an adapter built in
-Python.  Two differences from one process, both about failures: the "abandoned after N
-consecutive timeouts" rule counts within a worker's op, and a worker that dies (a segfault in a
-framework, ``os._exit``) loses the op it was running: that op is run again alone in a fresh
-process, and if that dies too, its cases are ERROR of kind ``crashed`` while the run goes on.
+Work is handed out by op and dtype (the contiguous run of planned cases of one op in one dtype):
+the oracle's values of a case are keyed by its dtype, so nothing a worker could reuse is split.
+Each worker loads the adapter once, from the name or path it was loaded from (``load_adapter``
+records it), or from a pickled copy of an adapter built in Python.  Two differences from one
+process, both about failures: the "abandoned after N consecutive timeouts" rule counts within
+one such run, and a worker that dies (a segfault in a framework, ``os._exit``) loses the run it
+was on: that run is repeated alone in a fresh process, and if that dies too, its cases are ERROR
+of kind ``crashed`` while the run goes on.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ _ADAPTER: Any = None
 
 
 def chunks(planned: list[PlannedCase]) -> list[list[int]]:
-    """The indices of ``planned``, cut into contiguous runs of one op."""
+    """The indices of ``planned``, cut into contiguous runs of one op in one dtype."""
     out: list[list[int]] = []
     for i, case in enumerate(planned):
-        if out and planned[out[-1][-1]].op == case.op:
+        last = planned[out[-1][-1]] if out else None
+        if last is not None and (last.op, last.dtype) == (case.op, case.dtype):
             out[-1].append(i)
         else:
             out.append([i])
@@ -71,7 +73,7 @@ def run(adapter: Any, planned: list[PlannedCase], jobs: int, options: dict[str, 
         crashed: Callable[[PlannedCase, str], Any]) -> Iterator[tuple[int, Any]]:
     """``(index, result)`` for every planned case, as the workers finish them.
 
-    ``options``: the keyword arguments of :func:`conformance.runner.run` for each op's cases;
+    ``options``: the keyword arguments of :func:`conformance.runner.run` for each run of cases;
     ``crashed(case, message)``: the result of a case whose worker died twice."""
     payload = _payload(adapter)
     lost: list[list[int]] = []
@@ -91,7 +93,7 @@ def run(adapter: Any, planned: list[PlannedCase], jobs: int, options: dict[str, 
             with _pool(1, payload) as alone:
                 results = alone.submit(_run, [planned[i] for i in part], options).result()
         except Exception as exc:  # noqa: BLE001 - the run goes on; these cases are ERROR
-            message = (f"the worker process running this op's cases failed twice ({type(exc).__name__}: "
+            message = (f"the worker process running these cases failed twice ({type(exc).__name__}: "
                        f"{exc}; a crash inside the framework?); rerun the op with --jobs 1 to see it")
             results = [crashed(planned[i], message) for i in part]
         yield from zip(part, results, strict=True)
