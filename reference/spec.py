@@ -356,7 +356,7 @@ class Spec:
 # --------------------------------------------------------------------------------------------
 
 
-def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if key not in data:
         raise SpecError(f"{where}: missing key {key!r}")
     value = data[key]
@@ -366,7 +366,7 @@ def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wher
     return value
 
 
-def _table(item: Any, where: str, allowed: set[str] | None = None) -> dict[str, Any]:
+def table(item: Any, where: str, allowed: set[str] | None = None) -> dict[str, Any]:
     """``item`` checked to be a TOML table holding only ``allowed`` keys (any keys when None)."""
     if not isinstance(item, dict):
         raise SpecError(f"{where}: must be a table")
@@ -376,12 +376,12 @@ def _table(item: Any, where: str, allowed: set[str] | None = None) -> dict[str, 
     return item
 
 
-def _tables(data: Mapping[str, Any], key: str, where: str, allowed: set[str]
+def tables(data: Mapping[str, Any], key: str, where: str, allowed: set[str]
             ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The entries of the array of tables ``[[key]]``, each with its location for messages."""
     for i, item in enumerate(data.get(key, [])):
         w = f"{where} [[{key}]] #{i}"
-        yield w, _table(item, w, allowed)
+        yield w, table(item, w, allowed)
 
 
 def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec, ...]:
@@ -393,14 +393,14 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
         allowed |= {"domain", "dtype", "upper"}
     if key == "state":
         allowed.add("updated_in")
-    for w, item in _tables(data, key, where, allowed):
+    for w, item in tables(data, key, where, allowed):
         dtype = str(item.get("dtype", "float64"))
         if dtype not in DOMAINS_OF:
             raise SpecError(f"{w}: dtype must be one of {tuple(DOMAINS_OF)}, got {dtype!r}")
         out.append(
             TensorSpec(
-                name=_need(item, "name", str, w),
-                shape=_need(item, "shape", str, w),
+                name=need(item, "name", str, w),
+                shape=need(item, "shape", str, w),
                 differentiable=bool(item.get("differentiable", False)),
                 optional=bool(item.get("optional", False)),
                 doc=str(item.get("doc", "")),
@@ -436,11 +436,11 @@ def _slots(data: Mapping[str, Any], where: str) -> tuple[TensorSpec, ...]:
     """An optimizer's ``[[slots]]``: its state, one array per parameter or one global scalar."""
     out = []
     allowed = {"name", "per", "shape", "doc", "exact"}
-    for w, item in _tables(data, "slots", where, allowed):
-        per = _need(item, "per", str, w)
+    for w, item in tables(data, "slots", where, allowed):
+        per = need(item, "per", str, w)
         if per not in ("param", "global"):
             raise SpecError(f"{w}: per must be 'param' or 'global', got {per!r}")
-        out.append(TensorSpec(name=_need(item, "name", str, w), shape=_need(item, "shape", str, w),
+        out.append(TensorSpec(name=need(item, "name", str, w), shape=need(item, "shape", str, w),
                               doc=str(item.get("doc", "")), per=per,
                               exact=bool(item.get("exact", False))))
     return tuple(out)
@@ -448,8 +448,8 @@ def _slots(data: Mapping[str, Any], where: str) -> tuple[TensorSpec, ...]:
 
 def _hparam(name: str, item: Any, where: str) -> HParam:
     w = f"{where} [hparams.{name}]"
-    _table(item, w, {"type", "default", "allowed", "min", "max", "gt", "lt", "nullable", "doc"})
-    kind = _need(item, "type", str, w)
+    table(item, w, {"type", "default", "allowed", "min", "max", "gt", "lt", "nullable", "doc"})
+    kind = need(item, "type", str, w)
     if kind not in HPARAM_TYPES:
         raise SpecError(f"{w}: type must be one of {HPARAM_TYPES}, got {kind!r}")
     if "default" not in item:
@@ -481,6 +481,11 @@ def _hparam(name: str, item: Any, where: str) -> HParam:
     return param
 
 
+def unsentinel(param: HParam | None, value: Any) -> Any:
+    """TOML has no null: the string "None" means None for a nullable hyper-parameter."""
+    return None if param is not None and param.nullable and value == NONE_SENTINEL else value
+
+
 def load_spec(path: str | os.PathLike[str]) -> Spec:
     """Parse and validate one spec file."""
     path = Path(path)
@@ -489,21 +494,21 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{where}: not valid TOML: {exc}") from None
-    name = _need(data, "name", str, where)
+    name = need(data, "name", str, where)
     if name != path.stem:
         raise SpecError(f"{where}: name {name!r} must equal the file name {path.stem!r}")
-    cit = _need(data, "citation", dict, where)
+    cit = need(data, "citation", dict, where)
     citation = Citation(
-        title=_need(cit, "title", str, f"{where} [citation]"),
+        title=need(cit, "title", str, f"{where} [citation]"),
         arxiv=str(cit.get("arxiv", "")),
-        equations=_need(cit, "equations", str, f"{where} [citation]"),
-        code=_need(cit, "code", str, f"{where} [citation]"),
+        equations=need(cit, "equations", str, f"{where} [citation]"),
+        code=need(cit, "code", str, f"{where} [citation]"),
         notes=str(cit.get("notes", "")),
     )
     kind = data.get("kind", "op")
     if kind not in KINDS:
         raise SpecError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
-    _table(data, where, TOP_KEYS[kind])
+    table(data, where, TOP_KEYS[kind])
     hparams_raw = data.get("hparams", {})
     if not isinstance(hparams_raw, dict):
         raise SpecError(f"{where}: [hparams] must be a table")
@@ -516,32 +521,36 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
         raise SpecError(f"{where}: needs at least one [[inputs]] and one [[outputs]]")
     if spec.state and not spec.init_state:
         raise SpecError(f"{where}: has [[state]] but no 'init_state'")
-    for d_name, table in data.get("dialects", {}).items():
+    for d_name, dialect_table in data.get("dialects", {}).items():
         w = f"{where} [dialects.{d_name}]"
-        _table(table, w)
-        raw = _need(table, "hparams", dict, w)
+        table(dialect_table, w)
+        raw = need(dialect_table, "hparams", dict, w)
         values = {}
         for key, value in raw.items():
             if key not in hparams:
                 raise SpecError(f"{w}: unknown hyper-parameter {key!r}")
-            value = _unsentinel(hparams[key], value)
+            value = unsentinel(hparams[key], value)
             try:
                 values[key] = hparams[key].check(name, value)
             except (TypeError, ValueError) as exc:
                 raise SpecError(f"{w}: {exc}") from None
         spec.dialects[d_name] = {
-            "api": str(table.get("api", "")),
-            "source": str(table.get("source", "")),
-            "notes": str(table.get("notes", "")),
+            "api": str(dialect_table.get("api", "")),
+            "source": str(dialect_table.get("source", "")),
+            "notes": str(dialect_table.get("notes", "")),
             "hparams": values,
         }
-    cases = _optimizer_cases(data, spec, where) if kind == "optimizer" else _cases(data, spec, where)
-    return Spec(**{**spec.__dict__, "cases": cases, "error_cases": _error_cases(data, spec, where)})
+    # The case tables are parsed by reference/spec_cases.py, which builds on this module's
+    # helpers (imported here, when a spec is loaded, so neither module imports the other first).
+    from reference.spec_cases import error_cases, op_cases, optimizer_cases
+
+    cases = optimizer_cases(data, spec, where) if kind == "optimizer" else op_cases(data, spec, where)
+    return Spec(**{**spec.__dict__, "cases": cases, "error_cases": error_cases(data, spec, where)})
 
 
 def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
              hparams: dict[str, HParam], where: str) -> Spec:
-    backward = _need(data, "backward", str, where)
+    backward = need(data, "backward", str, where)
     if backward not in BACKWARD_KINDS:
         raise SpecError(f"{where}: backward must be one of {BACKWARD_KINDS}, got {backward!r}")
     inputs = _tensors(data, "inputs", where)
@@ -571,23 +580,24 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
     if backward == "none" and any(t.updated_in == "backward" for t in state):
         raise SpecError(f"{where}: state updated_in = 'backward' needs a backward pass (backward is 'none')")
     return Spec(
-        name=name,
-        family=_need(data, "family", str, where),
-        summary=_need(data, "summary", str, where),
-        path=path,
-        citation=citation,
-        function=_need(data, "function", str, where),
-        vjp="" if backward == "none" else _need(data, "vjp", str, where),
+        **_common(data, name, path, citation, hparams, where),
+        function=need(data, "function", str, where),
+        vjp="" if backward == "none" else need(data, "vjp", str, where),
         init_state=data.get("init_state"),
         backward=backward,
-        properties=properties,
         backward_properties=backward_properties,
         inputs=inputs,
         state=state,
         outputs=_tensors(data, "outputs", where),
-        hparams=hparams,
-        dialects={},
     )
+
+
+def _common(data: Mapping[str, Any], name: str, path: Path, citation: Citation, hparams: dict[str, HParam],
+            where: str) -> dict[str, Any]:
+    """The fields every kind of spec fills the same way."""
+    return {"name": name, "family": need(data, "family", str, where),
+            "summary": need(data, "summary", str, where), "path": path, "citation": citation,
+            "properties": tuple(data.get("properties", ())), "hparams": hparams, "dialects": {}}
 
 
 #: The fixed signature of every optimizer, as tensors of the generic op contract.
@@ -606,155 +616,16 @@ def _optimizer_spec(data: Mapping[str, Any], name: str, path: Path, citation: Ci
     if "lr" not in hparams:
         raise SpecError(f"{where}: an optimizer spec needs a [hparams.lr]")
     return Spec(
-        name=name,
-        family=_need(data, "family", str, where),
-        summary=_need(data, "summary", str, where),
-        path=path,
-        citation=citation,
-        function=_need(data, "step", str, where),
+        **_common(data, name, path, citation, hparams, where),
+        function=need(data, "step", str, where),
         vjp="",
-        init_state=_need(data, "init", str, where),
+        init_state=need(data, "init", str, where),
         backward="exact",
-        properties=tuple(data.get("properties", ())),
         inputs=OPTIMIZER_INPUTS,
         state=_slots(data, where),
         outputs=OPTIMIZER_OUTPUTS,
-        hparams=hparams,
-        dialects={},
         kind="optimizer",
     )
-
-
-def _optimizer_cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, Any], ...]:
-    out = []
-    allowed = {"name", "params", "gradients", "steps", "schedule", "tags", "hparams", "dialect"}
-    for w, item in _tables(data, "cases", where, allowed):
-        name = _need(item, "name", str, w)
-        params = _need(item, "params", dict, w)
-        if not params:
-            raise SpecError(f"{w}: params must name at least one parameter")
-        for key, shape in params.items():
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
-                raise SpecError(f"{w}: shape of parameter {key!r} must be a list of positive ints")
-        gradients = item.get("gradients", "fixed")
-        if gradients not in GRADIENT_SOURCES:
-            raise SpecError(f"{w}: gradients must be one of {GRADIENT_SOURCES}, got {gradients!r}")
-        steps = item.get("steps")
-        if steps is not None and (not isinstance(steps, int) or steps < 1):
-            raise SpecError(f"{w}: steps must be a positive int, got {steps!r}")
-        dialect, hparams, overrides = _case_hparams(item, spec, w)
-        out.append({"name": name, "params": {k: tuple(v) for k, v in params.items()},
-                    "shapes": {k: tuple(v) for k, v in params.items()},
-                    "gradients": gradients, "steps": steps,
-                    "schedule": str(item.get("schedule", "constant")),
-                    "tags": tuple(item.get("tags", ())),
-                    "hparams": hparams, "overrides": overrides, "dialect": dialect})
-    _unique_names(out, where)
-    if not out:
-        raise SpecError(f"{where}: an optimizer spec needs at least one [[cases]]")
-    return tuple(out)
-
-
-def _unsentinel(param: HParam | None, value: Any) -> Any:
-    """TOML has no null: the string "None" means None for a nullable hyper-parameter."""
-    return None if param is not None and param.nullable and value == NONE_SENTINEL else value
-
-
-def _case_hparams(item: Mapping[str, Any], spec: Spec, w: str) -> tuple[str | None, dict[str, Any],
-                                                                      dict[str, Any]]:
-    """A case's ``(dialect, hparams, overrides)``.  ``hparams``: fully resolved; ``overrides``:
-    what the case itself asks for (its dialect's values, then its own), so a harness can overlay
-    them on a framework's conventions."""
-    dialect = item.get("dialect")
-    if dialect is not None and dialect not in spec.dialects:
-        raise SpecError(f"{w}: unknown dialect {dialect!r}")
-    raw = {k: _unsentinel(spec.hparams.get(k), v) for k, v in item.get("hparams", {}).items()}
-    try:
-        hparams = spec.resolve(raw, dialect=dialect)
-    except (TypeError, ValueError) as exc:
-        raise SpecError(f"{w}: {exc}") from None
-    overrides = {**(spec.dialects[dialect]["hparams"] if dialect else {}), **{k: hparams[k] for k in raw}}
-    return dialect, hparams, overrides
-
-
-def _unique_names(cases: list[dict[str, Any]], where: str) -> None:
-    names = [c["name"] for c in cases]
-    if len(set(names)) != len(names):
-        raise SpecError(f"{where}: case names repeat: {names}")
-
-
-def _cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, Any], ...]:
-    out = []
-    inputs = {t.name: t for t in spec.inputs}
-    for w, item in _tables(data, "cases", where, {"name", "shapes", "hparams", "dialect"}):
-        name = _need(item, "name", str, w)
-        shapes = _need(item, "shapes", dict, w)
-        for key, shape in shapes.items():
-            if key not in inputs:
-                raise SpecError(f"{w}: shapes names unknown input {key!r}")
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise SpecError(f"{w}: shape of {key!r} must be a list of non-negative ints")
-        missing = [t.name for t in spec.inputs if not t.optional and t.name not in shapes]
-        if missing:
-            raise SpecError(f"{w}: shapes must give the required inputs {missing}")
-        dialect, hparams, overrides = _case_hparams(item, spec, w)
-        out.append({"name": name, "shapes": {k: tuple(v) for k, v in shapes.items()},
-                    "hparams": hparams, "overrides": overrides, "dialect": dialect})
-    _unique_names(out, where)
-    return tuple(out)
-
-
-#: What an ``[[error_cases]]`` entry may say (the module docstring).
-ERROR_CASE_KEYS = {"name", "call", "shapes", "values", "dtypes", "state", "cotangents", "params", "grads",
-                   "hparams", "error", "match"}
-ERRORS = ("ValueError", "TypeError")
-
-
-def _shape_table(item: Mapping[str, Any], key: str, names: set[str] | None, w: str
-                 ) -> dict[str, tuple[int, ...]]:
-    table = item.get(key, {})
-    if not isinstance(table, dict):
-        raise SpecError(f"{w}: {key} must be a table of name -> shape")
-    for name, shape in table.items():
-        if names is not None and name not in names:
-            raise SpecError(f"{w}: {key} names unknown {name!r}; known: {sorted(names)}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise SpecError(f"{w}: {key}.{name} must be a list of non-negative ints, got {shape!r}")
-    return {k: tuple(v) for k, v in table.items()}
-
-
-def _error_cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, Any], ...]:
-    """``[[error_cases]]``: a call with bad arguments and the error it must raise."""
-    out = []
-    inputs = {t.name for t in spec.inputs}
-    for w, item in _tables(data, "error_cases", where, ERROR_CASE_KEYS):
-        call = item.get("call", "step" if spec.is_optimizer else "apply")
-        calls = ("step",) if spec.is_optimizer else ("apply", "vjp")
-        if call not in calls:
-            raise SpecError(f"{w}: call must be one of {calls}, got {call!r}")
-        error = _need(item, "error", str, w)
-        if error not in ERRORS:
-            raise SpecError(f"{w}: error must be one of {ERRORS}, got {error!r}")
-        hparams = item.get("hparams", {})
-        if not isinstance(hparams, dict):
-            raise SpecError(f"{w}: hparams must be a table")
-        values = item.get("values", {})
-        dtypes = item.get("dtypes", {})
-        for key, table in (("values", values), ("dtypes", dtypes)):
-            if not isinstance(table, dict) or (not spec.is_optimizer and set(table) - inputs):
-                raise SpecError(f"{w}: {key} must be a table over the inputs {sorted(inputs)}")
-        out.append({
-            "name": _need(item, "name", str, w), "call": call, "error": error,
-            "match": _need(item, "match", str, w),
-            "hparams": {k: _unsentinel(spec.hparams.get(k), v) for k, v in hparams.items()},
-            "shapes": _shape_table(item, "shapes", None if spec.is_optimizer else inputs, w),
-            "values": dict(values), "dtypes": dict(dtypes),
-            "state": _shape_table(item, "state", None, w),
-            "cotangents": _shape_table(item, "cotangents", {t.name for t in spec.outputs}, w),
-            "params": _shape_table(item, "params", None, w), "grads": _shape_table(item, "grads", None, w),
-        })
-    _unique_names(out, where)
-    return tuple(out)
 
 
 @functools.cache

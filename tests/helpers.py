@@ -215,3 +215,20 @@ def names_expected(result: Any, mutant: Any, *, exactly: bool = False) -> bool:
 #: A public mutant must be flagged by at least this many cases: one edit of a case list must not
 #: lose it silently.
 MIN_FLAGGED = 2
+
+
+# ------------------------------------------------------------------------------------------
+# The command line, in process
+# ------------------------------------------------------------------------------------------
+
+
+def run_cli(argv: list[str], capsys: Any) -> tuple[int, str, str]:
+    """``normref ARGV`` run in this process: (exit status, stdout, stderr)."""
+    from conformance.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -19,9 +19,9 @@ import pytest
 import harness_adapters as ha
 import reference
 from conformance import report, runner
-from conformance.cli import main
 from conformance.support import ConfigurationError
 from conformance.tolerance import compare
+from helpers import run_cli
 
 HERE = Path(__file__).parent
 
@@ -29,15 +29,6 @@ HERE = Path(__file__).parent
 def _run(adapter, ops, dtypes=("float64",), profile="quick", **kw):
     planned = runner.plan(adapter, ops=ops, dtypes=dtypes, profile=profile)
     return runner.run(adapter, planned, profile=profile, **kw)
-
-
-def _cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _adapter_file(tmp_path, body: str) -> str:
@@ -62,16 +53,16 @@ def test_a_typo_in_ops_is_a_configuration_error(field, needle, tmp_path, capsys)
     path = _adapter_file(tmp_path, "import harness_adapters as ha\n"
                          f"ADAPTER = ha.TypoAdapter({field!r})\n")
     sys.path.insert(0, str(HERE))
-    code, _, err = _cli(["check", path, "--profile", "quick"], capsys)
+    code, _, err = run_cli(["check", path, "--profile", "quick"], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_run_that_compares_nothing_does_not_exit_0(capsys):
     path = str(HERE / "harness_adapters.py")
     # layer_norm is registered, but this adapter only implements batch_norm (make_adapter: badgrad).
-    code, _, err = _cli(["check", path, "--ops", "^layer_norm$", "--profile", "quick"], capsys)
+    code, _, err = run_cli(["check", path, "--ops", "^layer_norm$", "--profile", "quick"], capsys)
     assert code == report.EXIT_EMPTY and "nothing to compare" in err and "layer_norm" in err
-    assert _cli(["check", path, "--ops", "^layer_norm$", "--profile", "quick", "--allow-empty"],
+    assert run_cli(["check", path, "--ops", "^layer_norm$", "--profile", "quick", "--allow-empty"],
                 capsys)[0] == 0
     refused = _run(ha.AlwaysUnsupported(), "^batch_norm$")
     assert refused and {r.verdict for r in refused} == {"SKIP"}
@@ -343,7 +334,7 @@ def test_a_forward_only_bug_is_still_caught():
     (["check", "numpy32", "--markdown", "/nonexistent-dir/r.md"], "does not exist"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(argv, needle, capsys):
-    code, _, err = _cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -355,9 +346,9 @@ def test_usage_errors_are_one_line_and_exit_2(argv, needle, capsys):
 ])
 def test_an_adapter_file_that_fails_to_load_is_one_line(body, needle, tmp_path, capsys):
     path = _adapter_file(tmp_path, body)
-    code, _, err = _cli(["check", path], capsys)
+    code, _, err = run_cli(["check", path], capsys)
     assert code == 2 and needle in err and "my_adapter.py" in err and len(err.strip().splitlines()) == 1, err
-    code, _, err = _cli(["check", path, "--traceback"], capsys)
+    code, _, err = run_cli(["check", path, "--traceback"], capsys)
     assert code == 2 and "Traceback" in err
 
 
@@ -370,7 +361,7 @@ def test_an_adapter_file_that_fails_to_load_is_one_line(body, needle, tmp_path, 
 def test_a_malformed_xfails_file_is_named(text, needle, tmp_path, capsys):
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    code, _, err = _cli(["check", "numpy32", "--xfails", str(path), "--profile", "quick"], capsys)
+    code, _, err = run_cli(["check", "numpy32", "--xfails", str(path), "--profile", "quick"], capsys)
     assert code == 2 and needle in err and "bad.toml" in err, err
 
 
@@ -378,14 +369,14 @@ def test_stale_xfail_warnings_only_for_entries_that_can_match_nothing(tmp_path, 
     path = tmp_path / "x.toml"
     path.write_text("[[xfail]]\nid = '^numpy32:rms_norm:float64:adv-huge'\nreason = 'another op'\n"
                     "[[xfail]]\nid = '^numpy32:layer_norm:float64:no_such_case'\nreason = 'renamed'\n")
-    code, _, err = _cli(["check", "numpy32", "--ops", "^layer_norm$", "--dtypes", "float32",
+    code, _, err = run_cli(["check", "numpy32", "--ops", "^layer_norm$", "--dtypes", "float32",
                          "--profile", "quick", "--xfails", str(path)], capsys)
     assert code == 0
     assert "no_such_case" in err and "rms_norm" not in err
 
 
 def test_json_to_stdout(capsys):
-    code, out, err = _cli(["check", "numpy32", "--ops", "^layer_norm$", "--dtypes", "float32",
+    code, out, err = run_cli(["check", "numpy32", "--ops", "^layer_norm$", "--dtypes", "float32",
                            "--profile", "quick", "--json", "-"], capsys)
     doc = json.loads(out)
     assert code == 0 and doc["cases"] and "totals:" in err
@@ -393,7 +384,7 @@ def test_json_to_stdout(capsys):
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
-    code, _, err = _cli(["check", "numpy32", "--ops", "^(layer_norm|rms_norm)$", "--dtypes", "float32",
+    code, _, err = run_cli(["check", "numpy32", "--ops", "^(layer_norm|rms_norm)$", "--dtypes", "float32",
                          "--profile", "quick"], capsys)
     assert code == 0 and "numpy32 layer_norm done" in err and "numpy32 rms_norm done" in err
 

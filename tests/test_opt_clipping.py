@@ -131,17 +131,23 @@ def test_per_tensor_clip_bounds_each_tensor(seed, log_scale, c):
         np.testing.assert_allclose(rms[k], C.clip_per_tensor({k: v}, c * np.sqrt(v.size))[k], rtol=1e-14)
 
 
+def _agc_trees(seed: int, layout: str, log_w: float, log_g: float) -> tuple[dict, dict]:
+    """Weights and gradients of the layout's shapes; each unit's gradient scaled by 1e-4, 1 or
+    1e4, so some units sit far below the clipping threshold and some far above."""
+    rng = np.random.default_rng(seed)
+    shapes = SHAPES_OUT_LAST if layout == "out_last" else SHAPES_OUT_FIRST
+    w = oh.tree(rng, shapes, 10.0**log_w)
+    g = {k: v * rng.choice([1e-4, 1.0, 1e4], size=v.shape[:1] + (1,) * (v.ndim - 1))
+         for k, v in oh.tree(rng, shapes, 10.0**log_g).items()}
+    return w, g
+
+
 @pytest.mark.checks("agc_unit_norm_at_most_lambda_max_w_eps", "agc_unchanged_units_bit_identical",
                     "agc_idempotent")
 @given(seed=seeds, log_w=log_scales, log_g=log_scales, lam=st.floats(1e-3, 1.0),
        layout=st.sampled_from(C.UNIT_LAYOUTS), guarded=st.booleans())
 def test_agc_invariants(seed, log_w, log_g, lam, layout, guarded):
-    rng = np.random.default_rng(seed)
-    shapes = SHAPES_OUT_LAST if layout == "out_last" else SHAPES_OUT_FIRST
-    w = oh.tree(rng, shapes, 10.0**log_w)
-    # some units far below the threshold, some far above
-    g = {k: v * rng.choice([1e-4, 1.0, 1e4], size=v.shape[:1] + (1,) * (v.ndim - 1))
-         for k, v in oh.tree(rng, shapes, 10.0**log_g).items()}
+    w, g = _agc_trees(seed, layout, log_w, log_g)
     eps = 1e-3
     out = C.adaptive_grad_clip(w, g, clipping=lam, eps=eps, layout=layout, compare_guarded=guarded)
     for k in g:
@@ -161,11 +167,7 @@ def test_agc_invariants(seed, log_w, log_g, lam, layout, guarded):
        layout=st.sampled_from(C.UNIT_LAYOUTS), guarded=st.booleans())
 def test_agc_keeps_each_unit_direction(seed, log_w, log_g, lam, layout, guarded):
     """Eq. 3 rescales each unit as a whole: AGC(G)_i = s_i G_i with one s_i in (0, 1] per unit."""
-    rng = np.random.default_rng(seed)
-    shapes = SHAPES_OUT_LAST if layout == "out_last" else SHAPES_OUT_FIRST
-    w = oh.tree(rng, shapes, 10.0**log_w)
-    g = {k: v * rng.choice([1e-4, 1.0, 1e4], size=v.shape[:1] + (1,) * (v.ndim - 1))
-         for k, v in oh.tree(rng, shapes, 10.0**log_g).items()}
+    w, g = _agc_trees(seed, layout, log_w, log_g)
     out = C.adaptive_grad_clip(w, g, clipping=lam, compare_guarded=guarded, layout=layout)
     u = 2.0**-53
     for k, v in g.items():

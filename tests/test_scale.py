@@ -5,18 +5,9 @@ from __future__ import annotations
 import json
 
 from conformance import report
-from conformance.cli import main
+from helpers import run_cli
 
 OPS = "^(layer_norm|batch_norm|sgd|cosine)$"
-
-
-def _cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _cases(path):
@@ -28,8 +19,8 @@ def _cases(path):
 def test_jobs_give_the_report_of_one_process(tmp_path, capsys):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     base = ["check", "numpy32", "--profile", "quick", "--ops", OPS, "--dtypes", "float64,float16"]
-    assert _cli([*base, "--json", str(one)], capsys)[0] == 0
-    assert _cli([*base, "--json", str(two), "--jobs", "2"], capsys)[0] == 0
+    assert run_cli([*base, "--json", str(one)], capsys)[0] == 0
+    assert run_cli([*base, "--json", str(two), "--jobs", "2"], capsys)[0] == 0
     assert len(_cases(one)) > 20
     assert _cases(one) == _cases(two)  # same cases, same order, same verdicts, errors and bounds
 
@@ -47,7 +38,7 @@ def test_a_worker_that_dies_makes_its_cases_error_and_the_run_goes_on(tmp_path, 
         "        return super().evaluate(op, request)\n"
         "ADAPTER = Dying()\n")
     out = tmp_path / "r.json"
-    code, _, _ = _cli(["check", str(adapter), "--profile", "quick", "--dtypes", "float64", "--jobs", "2",
+    code, _, _ = run_cli(["check", str(adapter), "--profile", "quick", "--dtypes", "float64", "--jobs", "2",
                        "--json", str(out)], capsys)
     assert code == 1
     cases = _cases(out)
@@ -58,7 +49,7 @@ def test_a_worker_that_dies_makes_its_cases_error_and_the_run_goes_on(tmp_path, 
 
 
 def test_jobs_must_be_positive(capsys):
-    code, _, err = _cli(["check", "numpy32", "--jobs", "0"], capsys)
+    code, _, err = run_cli(["check", "numpy32", "--jobs", "0"], capsys)
     assert code == 2 and "must be > 0" in err
 
 
@@ -66,7 +57,7 @@ def _shards(tmp_path, capsys, n=3, seed="0"):
     paths = []
     for k in range(1, n + 1):
         path = tmp_path / f"part{k}-{seed}.json"
-        code, _, _ = _cli(["check", "numpy32", "--profile", "quick", "--ops", OPS, "--dtypes", "float64",
+        code, _, _ = run_cli(["check", "numpy32", "--profile", "quick", "--ops", OPS, "--dtypes", "float64",
                            "--seed", seed, "--shard", f"{k}/{n}", "--json", str(path)], capsys)
         assert code == 0
         paths.append(str(path))
@@ -75,10 +66,10 @@ def _shards(tmp_path, capsys, n=3, seed="0"):
 
 def test_merged_shards_are_the_whole_run(tmp_path, capsys):
     whole, merged = tmp_path / "whole.json", tmp_path / "merged.json"
-    assert _cli(["check", "numpy32", "--profile", "quick", "--ops", OPS, "--dtypes", "float64",
+    assert run_cli(["check", "numpy32", "--profile", "quick", "--ops", OPS, "--dtypes", "float64",
                  "--json", str(whole)], capsys)[0] == 0
     parts = _shards(tmp_path, capsys)
-    code, out, _ = _cli(["merge", *parts, "--json", str(merged), "--junit-xml", str(tmp_path / "m.xml")],
+    code, out, _ = run_cli(["merge", *parts, "--json", str(merged), "--junit-xml", str(tmp_path / "m.xml")],
                         capsys)
     assert code == 0 and "totals:" in out
     by_id = {c["id"]: c for c in _cases(merged)}
@@ -99,7 +90,7 @@ def test_merge_refuses_parts_of_different_runs(tmp_path, capsys):
         ([*parts, str(not_json)], "not a normref JSON report"),
         ([str(tmp_path / "absent.json")], "not a readable JSON report"),
     ]:
-        code, _, err = _cli(["merge", *argv], capsys)
+        code, _, err = run_cli(["merge", *argv], capsys)
         assert code == 2 and needle in err, (argv, err)
 
 
