@@ -226,3 +226,13 @@ def test_pytest_plugin_turns_cases_into_items(tmp_path, workers):
     planned = runner.plan(ha.BadGradientAdapter(), ops="^batch_norm$", dtypes=("float64",), profile="quick")
     summary = proc.stdout.strip().splitlines()[-1]
     assert f"{len(planned)} failed, 1 passed" in summary
+
+
+def test_the_mapping_file_list_is_every_mapping_file():
+    """The adapters import their per-family mapping files from an explicit list (no directory scan
+    at run time): every file on disk is in it, and nothing else."""
+    from conformance.adapters._optim_common import EXTENSIONS
+
+    here = Path(runner.__file__).parent / "adapters"
+    for prefix, stems in EXTENSIONS.items():
+        assert sorted(stems) == sorted(p.stem for p in here.glob(f"{prefix}*.py")), prefix

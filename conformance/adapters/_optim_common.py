@@ -10,6 +10,8 @@ Unsupported rather than silently ignored.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ import numpy as np
 from conformance.adapters import Request, Unsupported
 from reference.optimizers._tree import mask_of
 
-__all__ = ["HyperParameters", "OptimizerRequest", "extension_modules", "load_extensions"]
+__all__ = ["EXTENSIONS", "HyperParameters", "OptimizerRequest", "extension_modules", "load_extensions"]
 
 
 class HyperParameters:
@@ -101,21 +103,26 @@ class _ScheduleExtension:
         return evaluate
 
 
-def load_extensions(prefix: str) -> list[Any]:
-    """The mapping files ``conformance/adapters/<prefix>*.py`` as extensions: each has ``OPS``
-    (op -> fn(request, ...) -> Response), ``DIALECTS``, ``API`` and ``DTYPES``."""
-    import importlib
+#: The per-family mapping files of each framework (an explicit list: adding one is a line here,
+#: and tests/test_harness.py checks the list against the files present).
+EXTENSIONS = {
+    "_torch_": ("_torch_adaptive", "_torch_clipping", "_torch_optim", "_torch_schedules"),
+    "_optax_": ("_optax_adaptive", "_optax_clipping", "_optax_large_batch", "_optax_lookahead",
+                "_optax_optim", "_optax_schedules", "_optax_sign_factored"),
+}
 
+
+@functools.cache
+def load_extensions(prefix: str) -> tuple[Any, ...]:
+    """The mapping files ``conformance/adapters/<prefix>*.py`` as extensions (imported once): each
+    has ``OPS`` (op -> fn(request, ...) -> Response), ``DIALECTS``, ``API`` and ``DTYPES``."""
     found = []
     for name in extension_modules(prefix):
         module = importlib.import_module(name)
         found.append(_ScheduleExtension(module) if hasattr(module, "SCHEDULES") else module)
-    return found
+    return tuple(found)
 
 
 def extension_modules(prefix: str) -> list[str]:
     """Module names ``conformance.adapters.<prefix>*`` (the per-family mapping files)."""
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parent
-    return sorted(f"conformance.adapters.{p.stem}" for p in here.glob(f"{prefix}*.py"))
+    return [f"conformance.adapters.{stem}" for stem in EXTENSIONS[prefix]]

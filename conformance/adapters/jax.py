@@ -186,7 +186,7 @@ class JaxAdapter:
                           for op in ext.OPS})
         return found
 
-    def _extensions(self) -> list[Any]:
+    def _extensions(self) -> tuple[Any, ...]:
         """The mapping files of the other families: ``_optax_*.py`` next to this module, each with
         ``OPS`` (op -> fn(request) -> Response), ``DIALECTS``, ``API`` and ``DTYPES``."""
         from conformance.adapters._optim_common import load_extensions

@@ -82,7 +82,7 @@ import torch
 
 from conformance.adapters import OpSupport, Request, Response, Unsupported
 from conformance.adapters._torch_optim import TorchStep
-from conformance.adapters.torch import _device
+from conformance.adapters.torch import device_of
 
 __all__ = ["API", "DIALECTS", "PytorchOptimizerAdapter", "make_adapter"]
 
@@ -506,7 +506,7 @@ class PytorchOptimizerAdapter:
     name = "pytorch_optimizer"
 
     def __init__(self, device: str | None = None, foreach: bool = False) -> None:
-        self.device = _device(device)
+        self.device = device_of(device)
         self.foreach = foreach
 
     def info(self) -> dict[str, str]:

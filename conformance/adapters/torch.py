@@ -449,7 +449,7 @@ _OPS: dict[str, Callable[[_Call], Response]] = {
 # --------------------------------------------------------------------------------------------
 
 
-def _device(device: str | None) -> torch.device:
+def device_of(device: str | None) -> torch.device:
     """The device from the argument or ``NORMREF_TORCH_DEVICE``; ValueError naming it if unusable."""
     name = device or os.environ.get("NORMREF_TORCH_DEVICE", "") or "cpu"
     where = f"device {name!r}" if device else f"NORMREF_TORCH_DEVICE={name!r}"
@@ -464,7 +464,7 @@ def _device(device: str | None) -> torch.device:
     return resolved
 
 
-def _extensions() -> list[Any]:
+def _extensions() -> tuple[Any, ...]:
     """The mapping files of the other families: ``_torch_*.py`` next to this module, each with
     ``OPS`` (op -> fn(request, device) -> Response), ``DIALECTS``, ``API`` and ``DTYPES``."""
     from conformance.adapters._optim_common import load_extensions
@@ -476,7 +476,7 @@ class TorchAdapter:
     name = "torch"
 
     def __init__(self, device: str | None = None) -> None:
-        self.device = _device(device)
+        self.device = device_of(device)
 
     def info(self) -> dict[str, str]:
         info = {"framework": "torch", "version": torch.__version__, "device": str(self.device)}
