@@ -18,6 +18,7 @@ import numpy as np
 import reference
 from conformance import memo, tolerance
 from conformance.adapters import Request
+from conformance.baseline import evaluate as same_precision
 from conformance.dtypes import is_half, name_of, round_to
 
 __all__ = ["Estimate", "Step", "baseline", "estimate", "expected_and_bounds", "flatten_response", "judge",
@@ -79,15 +80,13 @@ def baseline(request: Request, hp: dict[str, Any], arrays: dict[str, np.ndarray]
     values both sides read.  For a float64 case the float64 values are rounded to float32 here;
     the bound scales this error from u(float32) down to u(float64).  ``saved_statistics``: a
     half-precision backward reads mean and 1/std rounded to the half type (PyTorch's CPU design)."""
-    from conformance.adapters.numpy32 import NumPy32Adapter
-
     dtype = request.dtype if request.dtype != "float64" else "float32"
     req = Request(request.op, dtype, round_to(unpack(arrays, "in."), dtype),
                   round_to(unpack(arrays, "state."), dtype) if request.state is not None else None, dict(hp),
                   round_to(unpack(arrays, "ct."), dtype) if request.cotangents is not None else None)
     try:
         with np.errstate(all="ignore"):
-            return flatten_response(NumPy32Adapter(saved_statistics).evaluate(request.op, req))
+            return flatten_response(same_precision(request.op, req, saved_statistics))
     except Exception as exc:  # noqa: BLE001 - a failing baseline only removes its term from the bound
         # ... silently for the run, so it is recorded: the tests require none (a baseline that
         # always failed would quietly loosen or tighten every bound of an op).
