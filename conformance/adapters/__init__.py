@@ -46,6 +46,7 @@ __all__ = [
     "BUILTIN",
     "Adapter",
     "AdapterLoadError",
+    "HyperParameters",
     "OpSupport",
     "Request",
     "Response",
@@ -68,6 +69,39 @@ REQUIRES = {"numpy32": None, "torch": "torch", "jax": "jax", "pytorch_optimizer"
 
 class Unsupported(Exception):
     """The adapter cannot express this op, dtype or hyper-parameter value: the case is SKIP."""
+
+
+class HyperParameters:
+    """A request's hyper-parameters, each taken by the code that implements it: ``take`` (the
+    value), ``expect`` (a convention the framework has no switch for: another value is
+    Unsupported), then ``check_all_read`` (one left unread, a knob added to a spec later, makes
+    the request Unsupported instead of silently ignored).  Every built-in adapter reads its
+    hyper-parameters through it: implemented or refused, never ignored."""
+
+    def __init__(self, hparams: dict[str, Any], *, op: str = "", framework: str = "the framework") -> None:
+        self.hp = dict(hparams)
+        self.op = op
+        self.framework = framework
+
+    def take(self, name: str) -> Any:
+        if name not in self.hp:
+            raise Unsupported(f"{self.op}: the request has no hyper-parameter {name!r}")
+        return self.hp.pop(name)
+
+    def expect(self, name: str, *values: Any, why: str = "") -> Any:
+        """A convention with no switch in the framework: any other value is Unsupported."""
+        got = self.take(name)
+        if got not in values:
+            allowed = " or ".join(repr(v) for v in values)
+            reason = f" ({why})" if why else ""
+            raise Unsupported(f"{self.op}: {self.framework} follows {name}={allowed}{reason}; "
+                              f"it cannot express {got!r}")
+        return got
+
+    def check_all_read(self, op: str | None = None) -> None:
+        if self.hp:
+            raise Unsupported(f"the {self.framework} mapping of {op or self.op} does not implement "
+                              f"{', '.join(sorted(self.hp))}")
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from conformance.adapters import Unsupported
-from conformance.adapters._optim_common import HyperParameters
+from conformance.adapters import HyperParameters, Unsupported
 
 __all__ = ["API", "DIALECTS", "SCHEDULES"]
 

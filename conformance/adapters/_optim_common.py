@@ -16,40 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from conformance.adapters import Request, Unsupported
+from conformance.adapters import HyperParameters, Request
 from reference.optimizers._tree import mask_of
 
-__all__ = ["EXTENSIONS", "HyperParameters", "OptimizerRequest", "extension_modules", "load_extensions"]
-
-
-class HyperParameters:
-    """A request's hyper-parameters, each taken by the mapping that reads it: one left unread
-    (a knob added to a spec later) makes the request Unsupported instead of silently ignored."""
-
-    def __init__(self, hparams: dict[str, Any], *, op: str = "", framework: str = "the framework") -> None:
-        self.hp = dict(hparams)
-        self.op = op
-        self.framework = framework
-
-    def take(self, name: str) -> Any:
-        if name not in self.hp:
-            raise Unsupported(f"{self.op}: the request has no hyper-parameter {name!r}")
-        return self.hp.pop(name)
-
-    def expect(self, name: str, *values: Any, why: str = "") -> Any:
-        """A convention with no switch in the framework: any other value is Unsupported."""
-        got = self.take(name)
-        if got not in values:
-            allowed = " or ".join(repr(v) for v in values)
-            reason = f" ({why})" if why else ""
-            raise Unsupported(f"{self.op}: {self.framework} follows {name}={allowed}{reason}; "
-                              f"it cannot express {got!r}")
-        return got
-
-    def check_all_read(self, op: str | None = None) -> None:
-        if self.hp:
-            raise Unsupported(f"the {self.framework} mapping of {op or self.op} does not implement "
-                              f"{', '.join(sorted(self.hp))}")
+__all__ = ["EXTENSIONS", "OptimizerRequest", "extension_modules", "load_extensions"]
 
 
 class OptimizerRequest(HyperParameters):

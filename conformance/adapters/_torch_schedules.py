@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from torch.optim import lr_scheduler
 
-from conformance.adapters import Unsupported
-from conformance.adapters._optim_common import HyperParameters
+from conformance.adapters import HyperParameters, Unsupported
 
 __all__ = ["API", "DIALECTS", "SCHEDULES"]
 

@@ -78,7 +78,7 @@ from typing import Any
 
 import numpy as np
 
-from conformance.adapters import OpSupport, Request, Response, Unsupported
+from conformance.adapters import HyperParameters, OpSupport, Request, Response, Unsupported
 
 __all__ = ["DIALECTS", "JaxAdapter", "make_adapter"]
 
@@ -124,13 +124,6 @@ def _axis(axis: int, ndim: int, what: str = "axis") -> int:
     if not -ndim <= axis < ndim:
         raise Unsupported(f"{what}={axis} is out of range for an input of rank {ndim}")
     return axis % ndim
-
-
-def _require(hp: dict[str, Any], op: str) -> None:
-    """The request's convention knobs must be the declared ones (the runner merges them so)."""
-    for knob, value in DIALECTS[op].items():
-        if hp.get(knob) != value:
-            raise Unsupported(f"Flax follows {knob}={value!r}, the case asks for {hp.get(knob)!r}")
 
 
 class JaxAdapter:
@@ -202,10 +195,13 @@ class JaxAdapter:
                     return ext.OPS[op](request)
         if op not in DIALECTS:
             raise Unsupported(f"the jax adapter does not implement {op}")
-        _require(request.hparams, op)
+        hp = HyperParameters(request.hparams, op=op, framework="Flax")
+        for knob, value in DIALECTS[op].items():   # conventions Flax has no switch for
+            hp.expect(knob, value)
         jnp = self._jax.numpy
         primals = {k: jnp.asarray(v) for k, v in request.inputs.items()}
-        compute, state, finish = getattr(self, f"_{op}")(request, primals)
+        compute, state, finish = getattr(self, f"_{op}")(request, primals, hp)
+        hp.check_all_read()   # implemented or refused, never ignored
         cts = None
         if request.cotangents is not None:
             cts = {k: jnp.asarray(v) for k, v in request.cotangents.items() if v is not None}
@@ -263,17 +259,17 @@ class JaxAdapter:
     # Standardizers
     # ----------------------------------------------------------------------------------------
 
-    def _batch_norm(self, req: Request, x_in: dict[str, Any]) -> _Built:
+    def _batch_norm(self, req: Request, x_in: dict[str, Any], hp: HyperParameters) -> _Built:
         import flax.linen as nn
 
         jnp = self._jax.numpy
-        hp = req.hparams
         ndim = x_in["x"].ndim
-        axis = _axis(hp["axis"], ndim)
-        if hp["momentum"] is None:
+        axis = _axis(hp.take("axis"), ndim)
+        momentum = hp.take("momentum")
+        if momentum is None:
             raise Unsupported("momentum=None (cumulative average): flax.linen.BatchNorm has only an "
                               "exponential moving average")
-        track, training = bool(hp["track_running_stats"]), bool(hp["training"])
+        track, training = bool(hp.take("track_running_stats")), bool(hp.take("training"))
         use_batch_stats = training or not track
         channels = x_in["x"].shape[axis]
         stat = self._stat_dtype(req.dtype)
@@ -284,7 +280,7 @@ class JaxAdapter:
         else:  # Flax always has batch_stats; without tracking they are scratch, never returned
             stats = {"mean": jnp.zeros((channels,), stat), "var": jnp.ones((channels,), stat)}
         module = nn.BatchNorm(
-            axis=-1, momentum=float(hp["momentum"]), epsilon=float(hp["eps"]),
+            axis=-1, momentum=float(momentum), epsilon=float(hp.take("eps")),
             use_scale="weight" in x_in, use_bias="bias" in x_in,
             use_fast_variance=self.fast_variance, param_dtype=x_in["x"].dtype,
         )
@@ -303,14 +299,13 @@ class JaxAdapter:
 
         return compute, stats, finish
 
-    def _layer_norm(self, req: Request, x_in: dict[str, Any]) -> _Built:
+    def _layer_norm(self, req: Request, x_in: dict[str, Any], hp: HyperParameters) -> _Built:
         import flax.linen as nn
 
-        hp = req.hparams
         x = x_in["x"]
-        axes = tuple(sorted({_axis(a, x.ndim, "axes") for a in hp["axes"]}))
+        axes = tuple(sorted({_axis(a, x.ndim, "axes") for a in hp.take("axes")}))
         module = nn.LayerNorm(
-            epsilon=float(hp["eps"]), reduction_axes=axes, feature_axes=axes,
+            epsilon=float(hp.take("eps")), reduction_axes=axes, feature_axes=axes,
             use_scale="weight" in x_in, use_bias="bias" in x_in,
             use_fast_variance=self.fast_variance, param_dtype=x.dtype,
         )
@@ -321,17 +316,16 @@ class JaxAdapter:
 
         return compute, {}, _no_state
 
-    def _group_norm(self, req: Request, x_in: dict[str, Any]) -> _Built:
+    def _group_norm(self, req: Request, x_in: dict[str, Any], hp: HyperParameters) -> _Built:
         import flax.linen as nn
 
         jnp = self._jax.numpy
-        hp = req.hparams
         x = x_in["x"]
-        axis = _axis(hp["axis"], x.ndim)
+        axis = _axis(hp.take("axis"), x.ndim)
         if axis == 0:
             raise Unsupported("axis 0 is the batch axis of flax.linen.GroupNorm")
         module = nn.GroupNorm(
-            num_groups=int(hp["num_groups"]), epsilon=float(hp["eps"]),
+            num_groups=int(hp.take("num_groups")), epsilon=float(hp.take("eps")),
             use_scale="weight" in x_in, use_bias="bias" in x_in,
             use_fast_variance=self.fast_variance, param_dtype=x.dtype,
         )
@@ -343,20 +337,23 @@ class JaxAdapter:
 
         return compute, {}, _no_state
 
-    def _instance_norm(self, req: Request, x_in: dict[str, Any]) -> _Built:
+    def _instance_norm(self, req: Request, x_in: dict[str, Any], hp: HyperParameters) -> _Built:
         import flax.linen as nn
 
         jnp = self._jax.numpy
-        hp = req.hparams
         x = x_in["x"]
-        axis = _axis(hp["axis"], x.ndim)
-        if hp["track_running_stats"]:
+        axis = _axis(hp.take("axis"), x.ndim)
+        if hp.take("track_running_stats"):
             raise Unsupported("track_running_stats=True: flax.linen.InstanceNorm keeps no running "
                               "statistics")
+        # Without running statistics these have no effect (training and eval both normalize by
+        # the instance's own statistics): read, and nothing to implement.
+        for name in ("training", "momentum", "momentum_convention", "running_var_correction"):
+            hp.take(name)
         if axis == 0:
             raise Unsupported("axis 0 is the batch axis of flax.linen.InstanceNorm")
         module = nn.InstanceNorm(
-            epsilon=float(hp["eps"]), feature_axes=-1,
+            epsilon=float(hp.take("eps")), feature_axes=-1,
             use_scale="weight" in x_in, use_bias="bias" in x_in,
             use_fast_variance=self.fast_variance, param_dtype=x.dtype,
         )
@@ -369,25 +366,24 @@ class JaxAdapter:
         # Instance statistics in training and in eval alike (no state either way).
         return compute, {}, _no_state
 
-    def _rms_norm(self, req: Request, x_in: dict[str, Any]) -> _Built:
+    def _rms_norm(self, req: Request, x_in: dict[str, Any], hp: HyperParameters) -> _Built:
         import flax.linen as nn
 
-        hp = req.hparams
         x = x_in["x"]
-        axes = tuple(sorted({_axis(a, x.ndim, "axes") for a in hp["axes"]}))
-        p_frac = float(hp["p"])
+        axes = tuple(sorted({_axis(a, x.ndim, "axes") for a in hp.take("axes")}))
+        p_frac = float(hp.take("p"))
         if p_frac >= 0:
             n = math.prod(int(x.shape[a]) for a in axes)
             if len(axes) != 1 or int(n * p_frac) != n:
                 raise Unsupported(f"pRMSNorm (p={p_frac}): flax.linen.RMSNorm takes the RMS over "
                                   f"every normalized feature")
-        offset = float(hp["weight_offset"])
+        offset = float(hp.take("weight_offset"))
         wide = self._stat_dtype(req.dtype)
         has_bias = "bias" in x_in
         # Without a bias the layer rounds once to x's dtype; with one, the sum is rounded once
         # after the (at least float32) bias add, so the adapter adds no rounding of its own.
         module = nn.RMSNorm(
-            epsilon=float(hp["eps"]), reduction_axes=axes, feature_axes=axes,
+            epsilon=float(hp.take("eps")), reduction_axes=axes, feature_axes=axes,
             use_scale="weight" in x_in, use_fast_variance=self.fast_variance,
             param_dtype=x.dtype, dtype=wide if has_bias else None,
         )
@@ -413,15 +409,14 @@ class JaxAdapter:
     # Weight reparametrizations
     # ----------------------------------------------------------------------------------------
 
-    def _weight_norm(self, req: Request, x_in: dict[str, Any]) -> _Built:
+    def _weight_norm(self, req: Request, x_in: dict[str, Any], hp: HyperParameters) -> _Built:
         import flax.linen as nn
 
-        hp = req.hparams
         v = x_in["v"]
-        dim = hp["dim"]
+        dim = hp.take("dim")
         feature_axes = None if dim is None else _axis(dim, v.ndim, "dim")
         module = nn.WeightNorm(
-            _Kernel(tuple(v.shape)), epsilon=float(hp["eps"]), use_scale="g" in x_in,
+            _Kernel(tuple(v.shape)), epsilon=float(hp.take("eps")), use_scale="g" in x_in,
             feature_axes=feature_axes, param_dtype=v.dtype,
         )
         scale_shape = () if feature_axes is None else (v.shape[feature_axes],)
@@ -434,23 +429,22 @@ class JaxAdapter:
 
         return compute, {}, _no_state
 
-    def _spectral_norm(self, req: Request, x_in: dict[str, Any]) -> _Built:
+    def _spectral_norm(self, req: Request, x_in: dict[str, Any], hp: HyperParameters) -> _Built:
         import flax.linen as nn
         from flax.linen.normalization import _l2_normalize
 
         jax, jnp = self._jax, self._jax.numpy
-        hp = req.hparams
         weight = x_in["weight"]
         if weight.ndim < 2:
             raise Unsupported("flax.linen.SpectralNorm returns weights with ndim <= 1 unchanged "
                               "(not normalized)")
-        steps = int(hp["n_power_iterations"])
+        steps = int(hp.take("n_power_iterations"))
         if steps < 1:
             raise Unsupported("n_power_iterations=0: flax.linen.SpectralNorm returns the weight "
                               "unchanged when n_steps < 1 (it never uses the stored u as is)")
-        dim = _axis(hp["dim"], weight.ndim, "dim")
-        training = bool(hp["training"])
-        eps = float(hp["eps"])
+        dim = _axis(hp.take("dim"), weight.ndim, "dim")
+        training = bool(hp.take("training"))
+        eps = float(hp.take("eps"))
         state_in = req.state or {}
         if "u" not in state_in:
             raise Unsupported("flax.linen.SpectralNorm needs the stored u (the runner always gives "
@@ -500,14 +494,13 @@ class JaxAdapter:
 
         return compute, {"u": u_in}, finish
 
-    def _weight_standardization(self, req: Request, x_in: dict[str, Any]) -> _Built:
+    def _weight_standardization(self, req: Request, x_in: dict[str, Any], hp: HyperParameters) -> _Built:
         jax, jnp = self._jax, self._jax.numpy
-        hp = req.hparams
         weight = x_in["weight"]
         if weight.ndim < 2:
             raise Unsupported("weight standardization needs a weight with at least 2 dims")
-        axis = _axis(hp["axis"], weight.ndim)
-        eps = float(hp["eps"])
+        axis = _axis(hp.take("axis"), weight.ndim)
+        eps = float(hp.take("eps"))
 
         wide = self._stat_dtype(req.dtype)
 

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conformance.adapters import OpSupport, Request, Response, Unsupported
+from conformance.adapters import HyperParameters, OpSupport, Request, Response, Unsupported
 
 __all__ = ["DIALECTS", "TorchAdapter", "make_adapter"]
 
@@ -120,36 +120,24 @@ _SINGLE_VALUE_MESSAGES = ("Expected more than 1 value per channel",
 # --------------------------------------------------------------------------------------------
 
 
-class _Call:
-    """The tensors of one request, the hyper-parameters still to be read, and the VJP."""
+class _Call(HyperParameters):
+    """The tensors of one request, the hyper-parameters still to be read (the protocol's reader),
+    the inputs still to be read, and the VJP."""
 
     def __init__(self, request: Request, device: torch.device) -> None:
+        super().__init__(request.hparams, op=request.op, framework="torch")
         self.request = request
         self.device = device
         self.dtype = _TORCH_DTYPES[request.dtype]
-        self.hp = dict(request.hparams)
         self.unread = {k for k, v in request.inputs.items() if v is not None}
         self.leaves: dict[str, torch.Tensor] = {}
 
-    # hyper-parameters ---------------------------------------------------------------------
-
-    def take(self, name: str) -> Any:
-        """A hyper-parameter's value (marked as read)."""
-        if name not in self.hp:
-            raise Unsupported(f"the request has no hyper-parameter {name!r}")
-        return self.hp.pop(name)
-
-    def expect(self, name: str, value: Any) -> None:
-        """A convention torch has no switch for: any other value is Unsupported."""
-        got = self.take(name)
-        if got != value:
-            raise Unsupported(f"torch follows {name}={value!r}; it cannot express {got!r}")
-
-    def check_all_read(self, op: str) -> None:
+    def check_all_read(self, op: str | None = None) -> None:
         """Refuse a request with a hyper-parameter or an input that the mapping did not read."""
-        if self.hp or self.unread:
-            names = ", ".join(sorted(self.hp) + [f"input {k}" for k in sorted(self.unread)])
-            raise Unsupported(f"the torch adapter does not implement {op}'s {names}")
+        if self.unread:
+            names = ", ".join(f"input {k}" for k in sorted(self.unread))
+            raise Unsupported(f"the torch adapter does not implement {op or self.op}'s {names}")
+        super().check_all_read(op)
 
     # arrays -------------------------------------------------------------------------------
 
