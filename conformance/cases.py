@@ -60,7 +60,24 @@ DOMAINS: dict[str, Callable[[np.random.Generator, tuple[int, ...], int], np.ndar
     # upper = 1 gives a single class (both edges of a per-class reduction).
     "index": lambda rng, shape, upper: rng.integers(0, upper, size=shape, dtype=np.int64),
     "mask": lambda rng, shape, upper: rng.random(shape) < 0.5,
+    "uniform": lambda rng, shape, upper: rng.random(shape),
+    "on_edges": lambda rng, shape, upper: _on_edges(rng, shape, upper),
 }
+
+
+def _on_edges(rng: np.random.Generator, shape: tuple[int, ...], bins: int) -> np.ndarray:
+    """Values in [0, 1] for a metric binned at k / bins: half exactly on an edge (0 and 1
+    included), a quarter ties (a copy of another value), the rest uniform: the values a binned
+    metric must get right, or know it cannot."""
+    values = rng.random(shape)
+    flat = values.reshape(-1)
+    pick = rng.random(flat.shape)
+    edges = rng.integers(0, bins + 1, size=flat.shape) / bins
+    flat[:] = np.where(pick < 0.5, edges, flat)
+    ties = (pick >= 0.5) & (pick < 0.75)
+    if flat.size > 1 and np.any(ties):
+        flat[ties] = flat[rng.integers(0, flat.size, size=int(np.sum(ties)))]
+    return values
 
 
 def draw(rng: np.random.Generator, domain: str, shape: tuple[int, ...], upper: int = 0) -> np.ndarray:
@@ -69,8 +86,8 @@ def draw(rng: np.random.Generator, domain: str, shape: tuple[int, ...], upper: i
     the float domains, int64 in [0, ``upper``) for ``index``, bool for ``mask``."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown value domain {domain!r}; known: {sorted(DOMAINS)}")
-    if domain == "index" and upper < 1:
-        raise ValueError(f"an index domain needs upper >= 1, got {upper}")
+    if domain in ("index", "on_edges") and upper < 1:
+        raise ValueError(f"the {domain} domain needs upper >= 1, got {upper}")
     return DOMAINS[domain](rng, tuple(shape), upper)
 
 
@@ -88,7 +105,8 @@ def default_cases(op_name: str, seed: int = 0) -> list[Case]:
     cases = []
     for c in spec.cases:
         rng = case_rng(seed, op_name, c["name"])
-        inputs = {k: draw(rng, tensors[k].domain, shape, upper_of(tensors[k], c["hparams"]))
+        domains = {k: c.get("domains", {}).get(k, tensors[k].domain) for k in c["shapes"]}
+        inputs = {k: draw(rng, domains[k], shape, upper_of(tensors[k], c["hparams"]))
                   for k, shape in c["shapes"].items()}
         cases.append(Case(op_name, c["name"], inputs, dict(c["hparams"]), c["dialect"], seed,
                           overrides=dict(c["overrides"])))

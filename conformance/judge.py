@@ -19,7 +19,7 @@ import reference
 from conformance import memo, tolerance
 from conformance.adapters import Request
 from conformance.baseline import evaluate as same_precision
-from conformance.dtypes import is_half, name_of, round_to
+from conformance.dtypes import UNIT_ROUNDOFF, is_half, name_of, round_to
 
 __all__ = ["Estimate", "Step", "baseline", "estimate", "expected_and_bounds", "flatten_response", "judge",
            "oracle", "pack", "status", "unpack"]
@@ -167,9 +167,12 @@ def _estimate(
     evaluate = oracle(op, hp, gradients=request.cotangents is not None)
     expected = evaluate(arrays)
     exact = _exact_keys(op)
+    # Values next to a jump (a bin edge) stay still: a probe across it would read the jump.
+    near = _near_jumps(op, hp, arrays, 2.0 * tolerance.RELATIVE_STEPS[0])
     sens = tolerance.sensitivity(evaluate, arrays, seed=seed, center=expected,
                                  groups={key: (None if key in exact else key) for key in arrays},
-                                 counters=exact_quantities(op))
+                                 counters=exact_quantities(op),
+                                 still={f"in.{k}": m for k, m in near.items()} or None)
     # Half types: also the design that saves the statistics of the backward in the half type.
     variants = (False, True) if is_half(request.dtype) and request.cotangents is not None else (False,)
     bases = [baseline(request, hp, arrays, saved_statistics=v) for v in variants]
@@ -253,6 +256,40 @@ def judge(
             if name_of(actual[key]) != declared:
                 comp = tolerance.check_dtype(comp, actual[key], dtype)
         comps.append(comp)
+    return comps
+
+
+def _near_jumps(op: reference.Op, hp: dict[str, Any], arrays: dict[str, np.ndarray], rel: float
+                ) -> dict[str, np.ndarray]:
+    """Per input, which values lie within ``rel`` (relatively) of a jump of the op (the spec's
+    ``discontinuities``; nothing for ops without jumps)."""
+    marker = op.discontinuity_counter
+    if marker is None:
+        return {}
+    return {k: np.asarray(m, dtype=bool) for k, m in marker(unpack(arrays, "in."), hp, rel).items()}
+
+
+def values_near_jumps(op: reference.Op, hp: dict[str, Any], arrays: dict[str, np.ndarray], dtype: str) -> int:
+    """How many input values lie within K u(dtype), relatively, of a jump of the op (a bin edge
+    of a binned metric); 0 for ops without jumps."""
+    near = _near_jumps(op, hp, arrays, tolerance.K * UNIT_ROUNDOFF[dtype])
+    return int(sum(np.sum(m) for m in near.values()))
+
+
+def mistrust_near_jumps(comps: list[tolerance.Comparison], near: int) -> list[tolerance.Comparison]:
+    """A metric that bins by confidence jumps where a value meets a bin edge: computed in the
+    dtype, ``conf * bins`` may round across an edge the exact value does not reach (or the
+    reverse), and both bins are right within the dtype's rounding.  With ``near`` such values a
+    result that differs from the oracle's is MISTRUSTED (the dtype cannot decide the bin), not
+    FAIL; a case with no value near an edge is judged as usual, so a wrong binning rule still
+    FAILs there."""
+    if not near:
+        return comps
+    for c in comps:
+        if c.status == "fail" and c.kind != "dtype":
+            c.status = "mistrusted"
+            c.add_note(f"{near} input values lie within rounding of a jump (a bin edge): either "
+                       "side of it is a correctly rounded result")
     return comps
 
 

@@ -101,6 +101,7 @@ def run_steps(
         skip = tuple(support.not_kept_keys(sup, expected))
         comps = judge.judge(actual, expected, bounds, dtype, skip=skip, exact=exact,
                             state_dtype=sup.state_dtype)
+        comps = judge.mistrust_near_jumps(comps, judge.values_near_jumps(op, hp_k, arrays, dtype))
         history.append(judge.Step(hp_k, dtype, arrays, actual, bounds, comps, request, n, planned.seed,
                                   skip, exact, est))
         if trace is not None:

@@ -163,6 +163,7 @@ def sensitivity(
     groups: dict[str, str | None] | None = None,
     directions: str = "gaussian",
     counters: Iterable[str] = (),
+    still: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-element first-order change of each quantity under relative perturbations of ``arrays``.
 
@@ -173,6 +174,9 @@ def sensitivity(
     every array is its own group.  ``directions="sign"`` moves every element by exactly
     ``e |a_i|`` with a random sign (for an elementwise map this reads ``|J_ii| |a_i|`` exactly: the
     optimizers); the default Gaussian directions suit reductions (see the module docstring).
+    ``still`` (optional): per array, the elements never moved: values next to a jump of the op
+    (a bin edge), where a move would read the jump's height over the step instead of the slope;
+    the jump is judged by its own rule (conformance/judge.py, ``mistrust_near_jumps``).
     """
     rng = np.random.default_rng([seed, 0x5E45])
     center = evaluate(arrays) if center is None else center
@@ -191,6 +195,7 @@ def sensitivity(
             for direction in drawn:
                 with np.errstate(invalid="ignore", over="ignore"):  # inf inputs: inf - inf is judged
                     moved_inputs = {name: arrays[name] + e * np.abs(arrays[name]) * direction[name]
+                                    * (1.0 if still is None or name not in still else ~still[name])
                                     for name in members}
                 moved = evaluate({**arrays, **moved_inputs})
                 for key, base in center.items():

@@ -91,6 +91,14 @@ class Op:
         return _resolve_callable(self.spec.function, f"{self.spec.path} function")
 
     @property
+    def discontinuity_counter(self) -> Callable[..., Any] | None:
+        """The spec's ``discontinuities`` function, marking input values next to a jump (None for an
+        op without jumps)."""
+        if not self.spec.discontinuities:
+            return None
+        return _resolve_callable(self.spec.discontinuities, f"{self.spec.path} discontinuities")
+
+    @property
     def vjp_function(self) -> Callable[..., Any]:
         if not self.spec.vjp:
             raise TypeError(f"{self.name} has no VJP: backward = {self.spec.backward!r}, no input is "

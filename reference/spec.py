@@ -37,7 +37,10 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   norm's ``w = W / sigma``: conformance/tolerance.py), ``domain`` (inputs: the
                   values generated cases draw, one of ``DOMAINS``: ``normal`` N(0, 1), the
                   default; ``around_one`` 1 + N(0, 1)/2 for gains, so no channel is switched off;
-                  ``steps`` 0, 1, 2, ... for step counts; ``index`` for int64 inputs, uniform in
+                  ``steps`` 0, 1, 2, ... for step counts; ``uniform`` U[0, 1) (probabilities,
+                  random draws); ``on_edges`` values in [0, 1] of which half lie exactly on the
+                  edges k/``upper`` and a quarter repeat another value (ties), for binned
+                  metrics; ``index`` for int64 inputs, uniform in
                   [0, ``upper``); ``mask`` for bool inputs, each element True with probability
                   1/2), ``dtype`` (inputs: ``float64``, the default, or ``int64`` / ``bool`` for
                   labels, indices and masks: passed to the oracle and to adapters unchanged,
@@ -49,6 +52,12 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   ``nullable = true``.
 ``[dialects.<framework>]``  ``api`` (the framework call), ``source`` (file it was read from),
                   ``notes``, and ``hparams`` = the values that reproduce that framework.
+``discontinuities``  (ops with jumps: a binned metric) ``"module:callable"``, ``(inputs, hparams,
+                  rel) -> {input: bool mask}``: which input values lie within relative distance
+                  ``rel`` of a jump (a bin edge).  The error model's probes leave them still (a
+                  move across would read the jump, not the slope), and where the dtype's rounding
+                  can move a value across, a differing result is MISTRUSTED, not FAIL
+                  (conformance/judge.py).
 ``[[error_cases]]``  bad arguments and the error they raise, run by tests/test_error_cases.py:
                   ``name``; ``call`` (``apply`` or ``vjp``; ``step`` for optimizers); the
                   arguments: ``shapes`` (input -> shape, values drawn from the input's domain),
@@ -58,6 +67,8 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   given, unvalidated); ``error`` (``ValueError`` | ``TypeError``) and ``match`` (a
                   regular expression the message must match)
 ``[[cases]]``     seeded default cases: ``name``, ``shapes`` (input name -> list of ints),
+                  optional ``domains`` (input name -> a domain of its dtype, replacing the
+                  input's own for this case: a binned metric's ``on_edges`` case),
                   optional ``hparams`` (overrides) and ``dialect``.  The harness and the generic
                   tests draw standard-normal values for these shapes (conformance/cases.py).
 
@@ -111,13 +122,16 @@ KINDS = ("op", "optimizer")
 GRADIENT_SOURCES = ("fixed", "quadratic", "rosenbrock")
 NONE_SENTINEL = "None"
 #: The value domains an input may declare (drawn by conformance/cases.py::draw), by input dtype.
-DOMAINS_OF = {"float64": ("normal", "around_one", "steps"), "int64": ("index",), "bool": ("mask",)}
+DOMAINS_OF = {"float64": ("normal", "around_one", "steps", "uniform", "on_edges"), "int64": ("index",),
+              "bool": ("mask",)}
+#: Domains whose values need a bound ``upper`` (an int or an int hyper-parameter).
+BOUNDED_DOMAINS = ("index", "on_edges")
 DOMAINS = tuple(d for ds in DOMAINS_OF.values() for d in ds)
 #: The top-level keys of each kind of spec (the module docstring).
 _COMMON_KEYS = {"name", "family", "summary", "kind", "properties", "citation", "hparams", "dialects", "cases",
                 "error_cases"}
 TOP_KEYS = {"op": _COMMON_KEYS | {"function", "vjp", "init_state", "backward", "backward_properties",
-                                  "inputs", "state", "outputs"},
+                                  "discontinuities", "inputs", "state", "outputs"},
             "optimizer": _COMMON_KEYS | {"step", "init", "slots"}}
 
 
@@ -296,6 +310,9 @@ class Spec:
     kind: str = "op"
     #: custom / surrogate backwards: the properties that replace the finite-difference check
     backward_properties: tuple[str, ...] = ()
+    #: ``module:function`` marking the inputs within a relative distance of a jump of the op (a
+    #: bin edge): never probed; a case with such values is MISTRUSTED where it differs
+    discontinuities: str = ""
     #: bad inputs and the error they must raise (tests/test_error_cases.py runs every one)
     error_cases: tuple[dict[str, Any], ...] = ()
     #: resolve()'s validated results, keyed by the call (the harness resolves the same few
@@ -421,9 +438,11 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
         if dtype != "float64" and (t.differentiable or t.exact):
             raise SpecError(f"{w}: a {dtype} input is never differentiable or perturbed; drop "
                             "differentiable/exact")
-        if (dtype == "int64") != (t.upper != ""):
-            raise SpecError(f"{w}: 'upper' (values in [0, upper): an int or an int hyper-parameter) "
-                            "is for int64 inputs, and every int64 input needs it")
+        if (t.domain in BOUNDED_DOMAINS or dtype == "int64") and t.upper == "":
+            raise SpecError(f"{w}: the domains {BOUNDED_DOMAINS} and int64 inputs need 'upper' (an int "
+                            "or an int hyper-parameter)")
+        if dtype == "bool" and t.upper != "":
+            raise SpecError(f"{w}: a bool input has no 'upper'")
     names = {t.name for t in out}
     for t in out:
         if t.scaled_by and (t.scaled_by not in names or t.scaled_by == t.name):
@@ -555,7 +574,7 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
         raise SpecError(f"{where}: backward must be one of {BACKWARD_KINDS}, got {backward!r}")
     inputs = _tensors(data, "inputs", where)
     for t in inputs:
-        if t.dtype == "int64" and not (
+        if t.upper != "" and not (
                 (isinstance(t.upper, int) and t.upper >= 1)
                 or (isinstance(t.upper, str) and t.upper in hparams and hparams[t.upper].type == "int")):
             raise SpecError(f"{where} [[inputs]] {t.name!r}: upper must be an int >= 1 or the name of an "
@@ -586,6 +605,7 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
         init_state=data.get("init_state"),
         backward=backward,
         backward_properties=backward_properties,
+        discontinuities=str(data.get("discontinuities", "")),
         inputs=inputs,
         state=state,
         outputs=_tensors(data, "outputs", where),

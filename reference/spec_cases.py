@@ -8,7 +8,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from reference.spec import GRADIENT_SOURCES, Spec, SpecError, need, tables, unsentinel
+from reference.spec import (
+    BOUNDED_DOMAINS,
+    DOMAINS_OF,
+    GRADIENT_SOURCES,
+    Spec,
+    SpecError,
+    need,
+    tables,
+    unsentinel,
+)
 
 __all__ = ["ERRORS", "ERROR_CASE_KEYS", "error_cases", "op_cases", "optimizer_cases"]
 
@@ -69,7 +78,7 @@ def _unique_names(cases: list[dict[str, Any]], where: str) -> None:
 def op_cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str, Any], ...]:
     out = []
     inputs = {t.name: t for t in spec.inputs}
-    for w, item in tables(data, "cases", where, {"name", "shapes", "hparams", "dialect"}):
+    for w, item in tables(data, "cases", where, {"name", "shapes", "hparams", "dialect", "domains"}):
         name = need(item, "name", str, w)
         shapes = need(item, "shapes", dict, w)
         for key, shape in shapes.items():
@@ -80,9 +89,18 @@ def op_cases(data: Mapping[str, Any], spec: Spec, where: str) -> tuple[dict[str,
         missing = [t.name for t in spec.inputs if not t.optional and t.name not in shapes]
         if missing:
             raise SpecError(f"{w}: shapes must give the required inputs {missing}")
+        domains = item.get("domains", {})
+        for key, domain in (domains.items() if isinstance(domains, dict) else [(None, None)]):
+            t = inputs.get(key)
+            bad = (t is None or domain not in DOMAINS_OF[t.dtype]
+                   or (domain in BOUNDED_DOMAINS and not t.upper))
+            if bad:
+                raise SpecError(f"{w}: domains must map inputs to one of their dtype's domains (a "
+                                f"bounded one only where the input has an upper), got {key!r}: {domain!r}")
         dialect, hparams, overrides = _case_hparams(item, spec, w)
         out.append({"name": name, "shapes": {k: tuple(v) for k, v in shapes.items()},
-                    "hparams": hparams, "overrides": overrides, "dialect": dialect})
+                    "hparams": hparams, "overrides": overrides, "dialect": dialect,
+                    "domains": dict(domains)})
     _unique_names(out, where)
     return tuple(out)
 

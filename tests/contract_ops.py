@@ -80,3 +80,36 @@ def backward_ema_vjp(dy: Any, x: Any, phi: Any, *, momentum: float = 0.9, eps: f
 def backward_ema_init(x: Any) -> dict[str, Any]:
     """phi = 1: the statistic of unit gradients."""
     return {"phi": namespace(x).asarray(1.0, dtype=namespace(x).float64)}
+
+
+# --------------------------------------------------------------------------------------------
+# binned_ece: a metric with jumps (bin edges), no backward
+# --------------------------------------------------------------------------------------------
+#
+# Expected calibration error over equal-width confidence bins (the binned metric of calibration
+# papers, reduced to its bin sums):  b_i = min(floor(c_i B), B - 1),
+#
+#     ECE = (1/N) sum_b | sum_{i : b_i = b} (a_i - c_i) |,   a_i = 1 if prediction i is correct.
+#
+# A confidence on an edge k/B jumps from bin k-1 to bin k: computed in a dtype, c B may round
+# across the edge, and both results are right within that dtype; the spec's ``discontinuities``
+# counts such values so the harness does not call either side wrong.
+
+
+@oracle_function("binned_ece")
+def binned_ece(confidence: Any, correct: Any, *, num_bins: int = 5) -> Any:
+    xp = namespace(confidence)
+    bins = xp.clip(xp.floor(confidence * num_bins), 0.0, float(num_bins - 1))
+    members = xp.astype(bins[:, None] == xp.astype(xp.arange(num_bins), confidence.dtype)[None, :],
+                        confidence.dtype)
+    gaps = xp.sum(members * (xp.astype(correct, confidence.dtype) - confidence)[:, None], axis=0)
+    return xp.sum(xp.abs(gaps)) / confidence.shape[0]
+
+
+def binned_ece_edges(inputs: dict[str, Any], hparams: dict[str, Any], rel: float) -> dict[str, Any]:
+    """Which confidences c have c B within ``rel`` (relatively, at least 1) of an integer."""
+    import numpy as np
+
+    t = np.asarray(inputs["confidence"], dtype=np.float64) * hparams["num_bins"]
+    with np.errstate(invalid="ignore"):
+        return {"confidence": np.abs(t - np.round(t)) <= rel * np.maximum(np.abs(t), 1.0)}

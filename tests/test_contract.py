@@ -13,8 +13,8 @@ import pytest
 
 import helpers
 import reference
-from conformance import memo, planning, runner
-from conformance.adapters import OpSupport
+from conformance import judge, memo, planning, runner
+from conformance.adapters import OpSupport, Response
 from conformance.adapters.numpy32 import NumPy32Adapter
 from reference.spec import SpecError, all_specs, load_spec, specs_dirs
 
@@ -164,7 +164,7 @@ def test_mask_mutants_fail(test_ops, mutant):
 
 
 @pytest.mark.parametrize(("inputs_block", "needle"), [
-    ('name = "labels"\nshape = "(N,)"\ndtype = "int64"\n', "is for int64 inputs, and every int64 input needs it"),
+    ('name = "labels"\nshape = "(N,)"\ndtype = "int64"\n', "int64 inputs need 'upper'"),
     ('name = "labels"\nshape = "(N,)"\ndtype = "int64"\nupper = "eps"\n', "upper must be an int >= 1 or the name of an int"),
     ('name = "labels"\nshape = "(N,)"\ndtype = "int64"\nupper = 3\ndifferentiable = true\n', "never differentiable"),
     ('name = "mask"\nshape = "(N,)"\ndtype = "bool"\ndomain = "index"\n', "domain of a bool input must be one of ('mask',)"),
@@ -259,3 +259,62 @@ def test_state_the_backward_updates_is_compared_step_by_step(test_ops):
         failing = [r for r in results if r.verdict == "FAIL"]
         assert len(failing) >= 2, mutant.name
         assert any("state.phi" in line for r in failing for line in r.comparisons), mutant.name
+
+
+# -- a metric with jumps (bin edges): binned_ece -------------------------------------------------
+
+
+@pytest.mark.checks("binning_is_floor_of_c_times_bins")
+def test_binning_is_floor_of_c_times_bins(test_ops):
+    """b_i = min(floor(c_i B), B - 1): an edge k/B belongs to bin k, c = 1 to the last bin."""
+    op = reference.get("binned_ece")
+    c = np.array([0.0, 0.2, 0.39, 0.4, 0.99, 1.0])
+    a = np.array([True, False, True, True, False, True])
+    bins = [0, 1, 1, 2, 4, 4]
+    gaps = np.zeros(5)
+    for ci, ai, b in zip(c, a, bins, strict=True):
+        gaps[b] += float(ai) - ci
+    (ece,) = op.apply({"confidence": c, "correct": a}, None, num_bins=5)[0].values()
+    assert ece == pytest.approx(np.sum(np.abs(gaps)) / len(c), rel=8 * 2.0**-53, abs=0)
+
+
+class _EceAdapter(NumPy32Adapter):
+    """binned_ece computed in the request's dtype with a given binning rule."""
+
+    name = "ece"
+    rule = staticmethod(np.floor)
+
+    def ops(self):
+        return {"binned_ece": OpSupport({}, DTYPES, "test")}
+
+    def evaluate(self, op, request):
+        c = np.asarray(request.inputs["confidence"])
+        a = request.inputs["correct"]
+        b = request.hparams["num_bins"]
+        bins = np.clip(self.rule(c * c.dtype.type(b)), 0, b - 1).astype(np.int64)
+        gaps = np.array([np.sum((a - c.astype(np.float64))[bins == k]) for k in range(b)])
+        ece = np.asarray(np.sum(np.abs(gaps)) / len(c)).astype(c.dtype)
+        return Response(outputs={"ece": ece})
+
+
+class _RoundsToNearestBin(_EceAdapter):
+    name = "round-bins"
+    rule = staticmethod(np.round)
+
+
+def test_a_binned_metric_is_judged_with_its_jumps(test_ops, monkeypatch):
+    """Computing c B in float16 moves on-edge values across their edge (0.2 is 0.19995 in float16,
+    0.19995 * 5 rounds to 1.0 there): right within float16, so those cases are MISTRUSTED, not
+    FAIL; cases with no value near an edge PASS; a wrong binning rule FAILs; and without the jump
+    rule the float16 binning would FAIL."""
+    planned = runner.plan(_EceAdapter(), ops="^binned_ece$", dtypes=("float16", "float32"), profile="quick")
+    results = runner.run(_EceAdapter(), planned, profile="quick", diagnose_fail=False)
+    assert not [r.id for r in results if r.verdict in ("FAIL", "ERROR")]
+    edge = [r for r in results if r.verdict == "MISTRUSTED"]
+    assert edge and all("on_edges" in r.case and "bin edge" in " ".join(r.comparisons) for r in edge)
+    assert all(r.verdict == "PASS" for r in results if "uniform" in r.case)
+    wrong = runner.run(_RoundsToNearestBin(), planned, profile="quick", diagnose_fail=False)
+    assert sum(r.verdict == "FAIL" for r in wrong) >= 2
+    monkeypatch.setattr(judge, "values_near_jumps", lambda *args: 0)
+    blind = runner.run(_EceAdapter(), planned, profile="quick", diagnose_fail=False)
+    assert any(r.verdict == "FAIL" for r in blind)

@@ -56,5 +56,10 @@ def test_spec_domains_are_the_drawn_domains():
     rng = np.random.default_rng(0)
     assert np.array_equal(draw(rng, "steps", (2, 3)), np.arange(6.0).reshape(2, 3))
     assert abs(float(np.mean(draw(rng, "around_one", (4000,)))) - 1.0) < 0.05
-    with pytest.raises(ValueError, match="unknown value domain 'uniform'"):
-        draw(rng, "uniform", (2,))
+    edges = draw(rng, "on_edges", (400,), 5)
+    assert np.all((edges >= 0) & (edges <= 1)) and np.mean(np.isin(edges, np.arange(6) / 5)) > 0.4
+    assert len(np.unique(edges)) < 0.8 * edges.size   # ties
+    with pytest.raises(ValueError, match="unknown value domain 'beta'"):
+        draw(rng, "beta", (2,))
+    with pytest.raises(ValueError, match="the on_edges domain needs upper >= 1"):
+        draw(rng, "on_edges", (2,))
