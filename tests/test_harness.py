@@ -236,3 +236,31 @@ def test_the_mapping_file_list_is_every_mapping_file():
     here = Path(runner.__file__).parent / "adapters"
     for prefix, stems in EXTENSIONS.items():
         assert sorted(stems) == sorted(p.stem for p in here.glob(f"{prefix}*.py")), prefix
+
+
+#: The spec dialect table each built-in mapping claims to follow (weight standardization: torch
+#: has no layer, the torch adapter follows timm's StdConv2d; the JAX one deepmind's NFNets).
+_TABLES = {"torch": {"weight_standardization": "timm"}, "jax": {"weight_standardization": "nfnets"}}
+
+
+def test_built_in_declared_conventions_agree_with_the_spec_tables():
+    """A built-in adapter's declared convention is a claim about its framework; the spec's dialect
+    table for that framework (read from its source) makes the same claim: they must agree, knob
+    for knob, so neither drifts alone."""
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    from conformance.adapters import jax as jax_adapter
+    from conformance.adapters import torch as torch_adapter
+    from conformance.adapters._optim_common import load_extensions
+
+    declared = [("torch", op, d, _TABLES["torch"].get(op, "torch")) for op, d in torch_adapter.DIALECTS.items()]
+    declared += [("jax", op, d, _TABLES["jax"].get(op, "flax")) for op, d in jax_adapter.DIALECTS.items()]
+    for prefix, table in (("_torch_", "torch"), ("_optax_", "optax")):
+        declared += [(prefix, op, d, table) for ext in load_extensions(prefix)
+                     for op, d in getattr(ext, "DIALECTS", {}).items()]
+    for who, op, knobs, table in declared:
+        spec = reference.get(op).spec
+        assert table in spec.dialects, f"{who} {op}: the spec has no [dialects.{table}]"
+        values = spec.dialects[table]["hparams"]
+        differ = {k: (v, values[k]) for k, v in knobs.items() if k in values and values[k] != v}
+        assert not differ, f"{who} {op}: declared vs [dialects.{table}]: {differ}"
