@@ -105,8 +105,10 @@ def default_cases(op_name: str, seed: int = 0) -> list[Case]:
     cases = []
     for c in spec.cases:
         rng = case_rng(seed, op_name, c["name"])
-        domains = {k: c.get("domains", {}).get(k, tensors[k].domain) for k in c["shapes"]}
-        inputs = {k: draw(rng, domains[k], shape, upper_of(tensors[k], c["hparams"]))
+        # An optimizer's "inputs" are its parameter paths: N(0, 1), no declared domain.
+        domains = {k: c.get("domains", {}).get(k, tensors[k].domain if k in tensors else "normal")
+                   for k in c["shapes"]}
+        inputs = {k: draw(rng, domains[k], shape, upper_of(tensors[k], c["hparams"]) if k in tensors else 0)
                   for k, shape in c["shapes"].items()}
         cases.append(Case(op_name, c["name"], inputs, dict(c["hparams"]), c["dialect"], seed,
                           overrides=dict(c["overrides"])))

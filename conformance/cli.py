@@ -228,6 +228,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return _usage_error("check", "--dtypes names no dtype; choose from float64,float32,float16,bfloat16")
     try:
         shard = _parse_shard(args.shard)
+        _workers(args.jobs, [])  # a bad $NORMREF_JOBS is a usage error, before the run
         for option, path in (("--json", args.json), ("--junit-xml", args.junit_xml),
                              ("--markdown", args.markdown)):
             _check_output(option, path)
@@ -258,7 +259,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     progress = report.progress_printer()
     for adapter, planned in plans.values():
         results += runner.run(adapter, planned, profile=args.profile, xfails=expected, progress=progress,
-                              timeout=args.timeout, jobs=args.jobs)
+                              timeout=args.timeout, jobs=_workers(args.jobs, planned))
     if expected:
         possible = [i for adapter, _ in plans.values() for i in runner.possible_ids(adapter, seed=args.seed)]
         for pattern in expected.stale(possible):
@@ -388,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     _report_options(p_check)
     p_check.add_argument("--shard", help="run only shard K of N (K/N, 1-based); `normref merge` joins "
                          "the shards' JSON reports")
-    p_check.add_argument("--jobs", type=_positive(int), default=1,
-                         help="run the cases in N worker processes (same report as one; default 1)")
+    p_check.add_argument("--jobs", type=_jobs_value, default=None,
+                         help="run the cases in N worker processes, or 'auto': one per CPU core "
+                         "(the default, or $NORMREF_JOBS); the report is the same as with 1")
     p_check.add_argument("--traceback", action="store_true",
                          help="on an adapter that fails to load, print the whole traceback")
     p_check.set_defaults(func=cmd_check)
@@ -430,6 +432,28 @@ def _non_negative(kind: type) -> Any:
         return value
 
     return parse
+
+
+def _jobs_value(text: str) -> int | str:
+    """``--jobs``: a positive int or ``auto``."""
+    return "auto" if text == "auto" else _positive(int)(text)
+
+
+def _workers(jobs: int | str | None, planned: list[Any]) -> int:
+    """Worker processes for a run: ``--jobs``, else ``$NORMREF_JOBS``, else ``auto`` (one per CPU
+    core, never more than the runs of one op and dtype that can go to separate workers)."""
+    if jobs is None:
+        env = os.environ.get("NORMREF_JOBS", "auto")
+        try:
+            jobs = _jobs_value(env)
+        except argparse.ArgumentTypeError:
+            raise ValueError(f"NORMREF_JOBS must be a positive int or 'auto', got {env!r}") from None
+    if jobs != "auto":
+        return int(jobs)
+    from conformance.parallel import chunks
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, len(chunks(planned))))
 
 
 def _report_options(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,11 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# `normref check` runs in one worker process per core by default; the tests call it in process
+# (some with monkeypatched harness functions, which spawned workers would not see) and under
+# pytest-xdist already use every core: one process, unless a test asks for --jobs.
+os.environ.setdefault("NORMREF_JOBS", "1")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_memo_when_patched(request):

@@ -318,3 +318,17 @@ def test_a_binned_metric_is_judged_with_its_jumps(test_ops, monkeypatch):
     monkeypatch.setattr(judge, "values_near_jumps", lambda *args: 0)
     blind = runner.run(_EceAdapter(), planned, profile="quick", diagnose_fail=False)
     assert any(r.verdict == "FAIL" for r in blind)
+
+
+@pytest.mark.parametrize("op", ["class_center", "backward_ema", "binned_ece"])
+def test_the_test_ops_bad_inputs_raise_their_errors(test_ops, op):
+    """The test ops' own [[error_cases]] (tests/test_error_cases.py runs normref's ops only)."""
+    import builtins
+
+    from test_error_cases import _call
+
+    spec = reference.get(op).spec
+    assert spec.error_cases
+    for case in spec.error_cases:
+        with pytest.raises(getattr(builtins, case["error"]), match=case["match"]):
+            _call(reference.get(op), case)

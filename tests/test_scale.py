@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from conformance import report
 from helpers import run_cli
@@ -48,9 +49,28 @@ def test_a_worker_that_dies_makes_its_cases_error_and_the_run_goes_on(tmp_path, 
     assert {c["verdict"] for c in cases if c["op"] == "batch_norm"} == {"PASS"}
 
 
-def test_jobs_must_be_positive(capsys):
+def test_jobs_must_be_positive(capsys, monkeypatch):
     code, _, err = run_cli(["check", "numpy32", "--jobs", "0"], capsys)
     assert code == 2 and "must be > 0" in err
+    monkeypatch.setenv("NORMREF_JOBS", "many")
+    code, _, err = run_cli(["check", "numpy32"], capsys)
+    assert code == 2 and "NORMREF_JOBS must be a positive int or 'auto', got 'many'" in err
+
+
+def test_the_default_is_one_worker_per_core_and_no_more_than_the_work(monkeypatch):
+    from conformance import planning
+    from conformance.adapters import load_adapter
+    from conformance.cli import _workers
+
+    planned = planning.plan(load_adapter("numpy32"), ops="^(layer_norm|adam)$", dtypes=("float64", "float32"),
+                            seed=0, profile="quick")
+    monkeypatch.delenv("NORMREF_JOBS")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert _workers(None, planned) == min(cores, 4)      # 2 ops x 2 dtypes
+    assert _workers(None, planned[:1]) == 1
+    assert _workers(3, planned) == 3
+    monkeypatch.setenv("NORMREF_JOBS", "1")
+    assert _workers(None, planned) == 1
 
 
 def _shards(tmp_path, capsys, n=3, seed="0"):
