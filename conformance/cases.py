@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = [
     "ADVERSARIAL", "DOMAINS", "FAMILIES", "LAYOUTS", "Case", "adversarial", "as_layout", "case_rng",
-    "default_cases", "draw", "upper_of",
+    "default_cases", "draw", "step_inputs", "upper_of",
 ]
 
 
@@ -101,18 +101,36 @@ def default_cases(op_name: str, seed: int = 0) -> list[Case]:
     import reference
 
     spec = reference.get(op_name).spec
-    tensors = {t.name: t for t in spec.inputs}
     cases = []
     for c in spec.cases:
-        rng = case_rng(seed, op_name, c["name"])
-        # An optimizer's "inputs" are its parameter paths: N(0, 1), no declared domain.
-        domains = {k: c.get("domains", {}).get(k, tensors[k].domain if k in tensors else "normal")
-                   for k in c["shapes"]}
-        inputs = {k: draw(rng, domains[k], shape, upper_of(tensors[k], c["hparams"]) if k in tensors else 0)
-                  for k, shape in c["shapes"].items()}
+        inputs = _draw_inputs(spec, c, case_rng(seed, op_name, c["name"]))
         cases.append(Case(op_name, c["name"], inputs, dict(c["hparams"]), c["dialect"], seed,
                           overrides=dict(c["overrides"])))
     return cases
+
+
+def step_inputs(case: Case, k: int) -> dict[str, np.ndarray]:
+    """The k-th batch of a stream case (conformance/trajectory.py): the case's own inputs at step
+    0, then a fresh draw of every input from its declared domain (and the case's ``domains``), at
+    the same shapes, seeded by the case and the step."""
+    if k == 0:
+        return case.inputs
+    import reference
+
+    spec = reference.get(case.op).spec
+    recipe = next(c for c in spec.cases if c["name"] == case.name.split("@")[-1])
+    return _draw_inputs(spec, {**recipe, "hparams": case.hparams},
+                        case_rng(case.seed, case.op, case.name, f"step{k}"))
+
+
+def _draw_inputs(spec: Any, recipe: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A spec case's inputs: each from the case's domain for it, else the input's declared one."""
+    tensors = {t.name: t for t in spec.inputs}
+    # An optimizer's "inputs" are its parameter paths: N(0, 1), no declared domain.
+    domains = {k: recipe.get("domains", {}).get(k, tensors[k].domain if k in tensors else "normal")
+               for k in recipe["shapes"]}
+    return {k: draw(rng, domains[k], shape, upper_of(tensors[k], recipe["hparams"]) if k in tensors else 0)
+            for k, shape in recipe["shapes"].items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,7 +153,9 @@ def cmd_show(args: argparse.Namespace) -> int:
           [f"Oracle:    {spec.function}  (VJP: {spec.vjp or 'none: no differentiable input'})",
            f"Backward:  {_backward(spec)}"
            + (f" (pinned by: {', '.join(spec.backward_properties)})" if spec.backward_properties else "")
-           + "; bounds derived per case (conformance/tolerance.py)"]),
+           + "; bounds derived per case (conformance/tolerance.py)",
+           *(["Checked:   as a free-running stream of batches, state carried (conformance/trajectory.py)"]
+             if spec.kind == "stream" else [])]),
         "",
         "Inputs:",
     ]

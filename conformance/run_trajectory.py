@@ -1,7 +1,8 @@
-"""Optimizers run as free trajectories (the model and its accumulated bounds: conformance/
-trajectory.py): the adapter runs its own T steps from its own parameters and state, the oracle
-runs the same recipe in float64, every step is compared, and a step that leaves its propagated
-bound is judged again from the adapter's own inputs."""
+"""Optimizers and stream ops run as free trajectories (the model and its accumulated bounds:
+conformance/trajectory.py): the adapter runs its own T steps from its own parameters (an
+optimizer's) and state, given each step's gradients or batch, the oracle runs the same recipe in
+float64, every step is compared, and a step that leaves its propagated bound is judged again from
+the adapter's own inputs."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ class _Trajectory:
     seed: int
     steps: int
     multipliers: list[float]
-    source: trajectory.GradientSource
-    initial: dict[str, np.ndarray]   # rounded initial parameters {path: w} (float64)
+    source: trajectory.StepSource
+    initial: dict[str, np.ndarray]   # rounded initial carried inputs {"params/<path>": w} (float64)
     hp: dict[str, Any]               # the hyper-parameters with the base lr (schedule: multipliers)
     hparam_dtype: str = "float64"    # the precision the adapter keeps float hyper-parameters in
     state_dtype: str | None = None   # the adapter's declared OpSupport.state_dtype
@@ -40,8 +41,8 @@ class _Trajectory:
     def hps(self, hp: dict[str, Any], transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
             ) -> list[dict[str, Any]]:
         """Each step's hyper-parameters: the scheduled lr, rounded as the adapter keeps them."""
-        out = [support.round_hparams(self.op.name, {**hp, "lr": hp["lr"] * m}, self.hparam_dtype)
-               for m in self.multipliers]
+        out = [support.round_hparams(self.op.name, {**hp, "lr": hp["lr"] * m} if "lr" in hp else dict(hp),
+                                     self.hparam_dtype) for m in self.multipliers]
         return [transform(h) for h in out] if transform else out
 
     def oracle(self, hp: dict[str, Any], *, with_bounds: bool = True, bound_dtype: str | None = None,
@@ -53,7 +54,7 @@ class _Trajectory:
         bounds_in = bound_dtype or self.dtype
 
         def start() -> Iterator[trajectory.OracleStep]:
-            inputs = {f"params/{p}": v for p, v in self.initial.items()}
+            inputs = {**self.initial, **widen(round_to(self.source.fresh(self.initial, 0), self.dtype))}
             state0 = widen(round_to(self.op.init_state(inputs, **hps[0]), self.dtype))
             return trajectory.iter_oracle_trajectory(
                 self.op, hps, self.initial, state0, self.source, self.dtype, self.seed,
@@ -63,9 +64,8 @@ class _Trajectory:
         if transform is not None:
             return start()  # a diagnosis candidate: looked at once
         # The same trajectory for every adapter run on this case (conformance/memo.py).
-        source = self.source
         key = memo.digest("trajectory", self.op.name, hps, self.initial, self.dtype, self.seed, bounds_in,
-                          with_bounds, source.kind, source.family, source.op, source.case, source.seed)
+                          with_bounds, *self.source.key)
         return memo.trajectory(key, start)
 
     def baseline(self, dtype: str) -> Callable[[dict[str, Any], dict[str, np.ndarray]],
@@ -97,15 +97,17 @@ def run_trajectory(
     steps = int(trajectory.tag(case, "steps") or prof.trajectory_steps)
     rounded = round_to(case.inputs, dtype)
     if not trajectory.finite(rounded) or not trajectory.finite(case.inputs):
-        result.verdict, result.message = "MISTRUSTED", f"the parameters overflow {dtype} when rounded to it"
+        what = "parameters" if op.spec.is_optimizer else "inputs"
+        result.verdict, result.message = "MISTRUSTED", f"the {what} overflow {dtype} when rounded to it"
         return
+    source = trajectory.source_of(case)
+    # An optimizer carries its parameters from step to step; a stream op carries only its state.
+    initial = {} if isinstance(source, trajectory.BatchSource) else widen(rounded)
     run = _Trajectory(op, dtype, planned.seed, steps,
                       trajectory.schedule_multipliers(trajectory.tag(case, "schedule", "constant"), steps),
-                      trajectory.source_of(case),
-                      {k[len("params/"):]: v for k, v in widen(rounded).items()}, hp, sup.hparam_dtype,
-                      sup.state_dtype)
-    n = max(int(v.size) for v in run.initial.values())
-    params = round_to(run.initial, dtype)
+                      source, initial, hp, sup.hparam_dtype, sup.state_dtype)
+    n = max(int(v.size) for v in case.inputs.values())
+    carried = round_to(run.initial, dtype)
     state: dict[str, np.ndarray] | None = None
     history: list[judge.Step] = []
     exact = tuple(judge.exact_quantities(op))
@@ -123,9 +125,7 @@ def run_trajectory(
         result.seconds_oracle += time.perf_counter() - t0
         if state is None:
             state = round_to(judge.unpack(ostep.arrays, "state."), dtype)
-        grads = round_to(run.source(widen(params), k), dtype)
-        inputs = {**{f"params/{p}": v for p, v in params.items()},
-                  **{f"grads/{p}": v for p, v in grads.items()}}
+        inputs = {**carried, **round_to(run.source.fresh(widen(carried), k), dtype)}
         request = Request(planned.op, dtype, inputs, dict(state), dict(ostep.hp), None)
         response = call_adapter(adapter, planned.op, request, seconds, result, k)
         if response is None:
@@ -151,7 +151,7 @@ def run_trajectory(
             result.message = (f"step {k}: the exact values exceed the {dtype} range; "
                               "the trajectory is not judged beyond this step")
             break
-        params = {p: np.asarray(response.outputs[f"params/{p}"]) for p in params}
+        carried = {name: np.asarray(response.outputs[name]) for name in carried}
         # State the framework keeps comes back from it; state it does not keep (a step count it
         # never stores) is supplied from the oracle, as a training loop would know it.
         kept = {key: np.asarray(v) for key, v in (response.state or {}).items()}

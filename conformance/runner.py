@@ -7,9 +7,10 @@ adapter the oracle's current state (rounded), let the adapter compute outputs, g
 new state with its own code and autodiff, let the oracle compute the same in float64 from the
 same rounded values (and the same hyper-parameters, rounded to ``OpSupport.hparam_dtype``), and
 compare every quantity against the bound of :mod:`conformance.tolerance` (conformance/judge.py;
-the step-by-step loop is conformance/run_steps.py).  Optimizers run free trajectories instead
-(conformance/run_trajectory.py, the model in conformance/trajectory.py).  What a case produces,
-the call of the adapter and the diagnosis of a FAIL are conformance/outcome.py; this module
+the step-by-step loop is conformance/run_steps.py).  Optimizers and stream ops run free
+trajectories instead (conformance/run_trajectory.py, the model in conformance/trajectory.py).
+What a case produces, the call of the adapter and the diagnosis of a FAIL are
+conformance/outcome.py; this module
 plans nothing (conformance/planning.py) and runs one case or a list of them, in this process or
 in workers (conformance/parallel.py).
 
@@ -116,7 +117,7 @@ def run_case(
         return result
     result.hparams = _recorded(support.round_hparams(planned.op, hp, sup.hparam_dtype))
     result.gradients_checked = sup.gradients and op.spec.differentiable and not op.spec.is_optimizer
-    if op.spec.is_optimizer:
+    if op.spec.is_trajectory:
         run_trajectory(adapter, planned, prof, op, hp, sup, result, trace, diagnose_fail, seconds)
     else:
         run_steps(adapter, planned, prof, op, hp, sup, result, trace, diagnose_fail, seconds)

@@ -80,7 +80,7 @@ import numpy as np
 
 import reference
 from conformance import judge, tolerance
-from conformance.cases import Case, case_rng
+from conformance.cases import Case, case_rng, step_inputs
 from conformance.dtypes import round_to, widen
 
 __all__ = ["GRADIENT_FAMILIES", "SCHEDULES", "GradientSource", "OracleStep", "iter_oracle_trajectory",
@@ -150,6 +150,19 @@ class GradientSource:
     def depends_on_params(self) -> bool:
         return self.kind != "fixed"
 
+    depends_on_carried = depends_on_params
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What determines the source's values (the memo key of a trajectory)."""
+        return (self.kind, self.family, self.op, self.case, self.seed)
+
+    def fresh(self, carried: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+        """The step's inputs that are not carried over: ``grads/<p>`` at the parameters
+        ``carried`` (``params/<p>``)."""
+        params = {key[len("params/"):]: v for key, v in carried.items()}
+        return {f"grads/{p}": g for p, g in self(params, k).items()}
+
     def __call__(self, params: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
         with np.errstate(all="ignore"):  # a diverging trajectory is judged, not warned about
             return self._gradient(params, k)
@@ -177,6 +190,29 @@ class GradientSource:
                 g = np.where(rng.uniform(size=shape) < 0.7, 0.0, g)
             out[p] = g
         return out
+
+
+class BatchSource:
+    """The inputs of a stream op at step k: the case's batch at step 0, then a fresh batch from
+    every input's declared domain (:func:`conformance.cases.step_inputs`); nothing is carried
+    from the outputs, so every step's inputs are known in advance and are the same, rounded, for
+    the adapter and the oracle: errors enter through the state alone."""
+
+    depends_on_carried = False
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("batches", self.case.op, self.case.name, self.case.seed)
+
+    def fresh(self, carried: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+        return step_inputs(self.case, k)
+
+
+#: Where a trajectory's step inputs come from.
+StepSource = GradientSource | BatchSource
 
 
 def _rosenbrock_grad(w: np.ndarray) -> np.ndarray:
@@ -220,7 +256,10 @@ def tag(case: Case, key: str, default: str | None = None) -> str | None:
     return next((t[len(prefix):] for t in case.tags if t.startswith(prefix)), default)
 
 
-def source_of(case: Case) -> GradientSource:
+def source_of(case: Case) -> StepSource:
+    """The step source of a trajectory case: batches for a stream op, gradients for an optimizer."""
+    if reference.get(case.op).spec.kind == "stream":
+        return BatchSource(case)
     shapes = {k[len("params/"):]: tuple(np.shape(v)) for k, v in case.inputs.items()}
     base = case.name.split("@")[-1]
     return GradientSource(tag(case, "gradients", "fixed"), shapes, case.seed, case.op, base,
@@ -260,7 +299,7 @@ def iter_oracle_trajectory(
     hps: list[dict[str, Any]],
     initial: dict[str, np.ndarray],
     state0: dict[str, np.ndarray],
-    source: GradientSource,
+    source: StepSource,
     dtype: str,
     seed: int,
     baseline: Baseline,
@@ -271,49 +310,47 @@ def iter_oracle_trajectory(
 ) -> Iterator[OracleStep]:
     """The float64 trajectory with its accumulated bounds (module docstring), step by step.
 
-    ``initial``/``state0``: the rounded initial parameters ``{path: w}`` and flat state;
+    ``initial``: the rounded initial values of the *carried* inputs, in the op's flat form (an
+    optimizer's ``params/<path>``; none for a stream op): an output with the name of an input is
+    that input at the next step.  ``source.fresh(carried, k)`` gives the other inputs of step k
+    (an optimizer's gradients, a stream's batch).  ``state0``: the flat initial state;
     ``hps[k]``: the hyper-parameters of step k; ``baseline(hp, arrays)``: the float32
     same-formula evaluation; ``evaluate_for(hp)``: the oracle's flat evaluation under hp.
     ``with_bounds=False`` computes the values only (a quick first look for the diagnosis);
     ``bound_dtype`` computes the bounds for another dtype than the one the values are rounded to
     (the diagnosis "consistent with float32 arithmetic").
     """
-    n = max(int(np.size(v)) for v in initial.values())
     judged_in = bound_dtype or dtype
-    params = dict(initial)
+    carried_in = dict(initial)
     state = dict(state0)
     carried: dict[str, np.ndarray] = {}
+    n = 0
     for k, hp in enumerate(hps):
-        grads = source(params, k)
-        if not source.depends_on_params:
-            grads = widen(round_to(grads, dtype))
-        arrays = {**{f"in.params/{p}": v for p, v in params.items()},
-                  **{f"in.grads/{p}": v for p, v in grads.items()},
-                  **{f"state.{s}": v for s, v in state.items()}}
+        fresh = source.fresh(carried_in, k)
+        if not source.depends_on_carried:
+            fresh = widen(round_to(fresh, dtype))
+        arrays = judge.pack({**carried_in, **fresh}, state, None)
+        n = n or max(int(np.size(v)) for key, v in arrays.items() if key.startswith("in."))
         evaluate = evaluate_for(hp)
         expected = evaluate(arrays)
+        carried_in = {name: expected[f"outputs.{name}"] for name in carried_in}
+        state = judge.unpack(expected, "state.")
         if not with_bounds:
             yield OracleStep(hp, arrays, expected, {})
-            params = {key[len("outputs.params/"):]: v for key, v in expected.items()
-                      if key.startswith("outputs.params/")}
-            state = {key[len("state."):]: v for key, v in expected.items() if key.startswith("state.")}
             continue
         groups = _groups(op, arrays)
         local, sens = local_bounds(op, evaluate, arrays, expected, baseline(hp, arrays), judged_in, n,
                                    seed + k)
         if carried:
-            step_map = _with_model_gradients(evaluate, source) if source.depends_on_params else evaluate
+            step_map = (_with_fresh_inputs(evaluate, source, list(carried_in)) if source.depends_on_carried
+                        else evaluate)
             moved = propagate(step_map, arrays, carried, seed=seed + k, center=expected, groups=groups)
             bounds = {key: local[key] + moved[key] for key in expected}
         else:
             bounds = local
         judged = judging_bounds(bounds, expected, sens, arrays, judged_in)
         yield OracleStep(hp, arrays, expected, judged)
-        params = {key[len("outputs.params/"):]: v for key, v in expected.items()
-                  if key.startswith("outputs.params/")}
-        state = {key[len("state."):]: v for key, v in expected.items() if key.startswith("state.")}
-        carried = {**{f"in.params/{key[len('outputs.params/'):]}": b for key, b in bounds.items()
-                      if key.startswith("outputs.params/")},
+        carried = {**{f"in.{name}": bounds[f"outputs.{name}"] for name in carried_in},
                    **{key: b for key, b in bounds.items() if key.startswith("state.")}}
 
 
@@ -419,6 +456,10 @@ def propagate(
     would leave every other element's move below rounding and read a zero propagation there.
     For a map coupled through a norm the cross-element terms are rescaled by the ratio of two
     elements' moves: a coarser, larger estimate, never a zero one.
+
+    Arrays on no parameter path (a global slot; a stream op's state, which every output reads)
+    are moved as a whole, and the response of every output is rescaled by the largest
+    ``B_i / move_i`` of the group: as coarse, and as safe.
     """
     rng = np.random.default_rng([seed, 0x9A0B])
     center = evaluate(arrays) if center is None else center
@@ -427,24 +468,27 @@ def propagate(
     for name in arrays:
         group = (groups or {}).get(name, name)
         if group is not None and name in incoming and np.any(incoming[name] > 0) \
-                and np.all(np.isfinite(incoming[name])) and _element_space(name) is not None:
+                and np.all(np.isfinite(incoming[name])):
             by_group.setdefault(group, []).append(name)
     for _ in range(probes):
         squares = {key: np.zeros(np.shape(v)) for key, v in center.items()}
         for names in by_group.values():
-            move, per_input = {}, {}
+            move, per_input, overall = {}, {}, 0.0
             for n in names:
                 x = np.abs(np.asarray(arrays[n], dtype=np.float64))
                 size = np.maximum(tolerance.RELATIVE_STEPS[0] * x, incoming[n])
                 size = np.where(size > 0, size, 1.0)  # no bound, no move: its factor below is 0
                 move[n] = np.where(incoming[n] > 0, size, 0.0) * rng.choice(np.array([-1.0, 1.0]),
                                                                            size=np.shape(x))
-                per_input[_element_space(n)] = incoming[n] / size
+                if _element_space(n) is None:
+                    overall = max(overall, float(np.max(incoming[n] / size)))
+                else:
+                    per_input[_element_space(n)] = incoming[n] / size
             largest = {key: np.zeros(np.shape(v)) for key, v in center.items()}
             for moved in _moves(evaluate, arrays, move):
                 for key, base in center.items():
-                    factor = per_input.get(_element_space(key))
-                    if factor is None or np.shape(factor) != np.shape(base):
+                    factor = per_input.get(_element_space(key)) if per_input else overall
+                    if factor is None or (per_input and np.shape(factor) != np.shape(base)):
                         continue
                     with np.errstate(invalid="ignore", over="ignore"):
                         d = np.abs((np.asarray(moved[key]) - np.asarray(base)) * factor)
@@ -473,14 +517,13 @@ def _moves(evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
             yield evaluate({**arrays, **{n: np.where(crossing[n], 0.0, v) for n, v in moved.items()}})
 
 
-def _with_model_gradients(evaluate: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-                          source: GradientSource) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """The step map with the gradient recomputed from the (moved) parameters."""
+def _with_fresh_inputs(evaluate: Evaluate, source: StepSource, carried: list[str]) -> Evaluate:
+    """The step map with the fresh inputs recomputed from the (moved) carried ones: a model's
+    gradient as a function of its parameters."""
 
     def step_map(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        params = {k[len("in.params/"):]: v for k, v in arrays.items() if k.startswith("in.params/")}
-        grads = source(params, 0)
-        return evaluate({**arrays, **{f"in.grads/{p}": g for p, g in grads.items()}})
+        fresh = source.fresh({name: arrays[f"in.{name}"] for name in carried}, 0)
+        return evaluate({**arrays, **{f"in.{name}": v for name, v in fresh.items()}})
 
     return step_map
 

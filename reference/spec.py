@@ -72,6 +72,13 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   optional ``hparams`` (overrides) and ``dialect``.  The harness and the generic
                   tests draw standard-normal values for these shapes (conformance/cases.py).
 
+Stream specs (``kind = "stream"``: an estimator over a sequence of batches, e.g. a gradient-noise-
+scale estimate or an EMA of anything) have the keys of an op spec, ``[[state]]`` and ``backward =
+"none"``.  Each call consumes one batch (its inputs) and the state, and returns its estimates and
+the new state; the harness runs T calls as a free trajectory (conformance/trajectory.py): a fresh
+batch per step drawn from the inputs' domains, the adapter's own state carried, outputs and state
+compared at every step against an accumulated bound.
+
 Optimizer specs (``kind = "optimizer"``, family ``optimizers``) differ in four keys: ``step`` and
 ``init`` (``"module:callable"``) replace ``function``/``vjp``/``init_state``; ``[[slots]]``
 (``name``, ``per`` = ``"param"`` | ``"global"``, ``shape``, ``doc``) replace ``[[state]]``; there are
@@ -118,7 +125,7 @@ __all__ = [
 
 BACKWARD_KINDS = ("exact", "custom", "surrogate", "none")
 HPARAM_TYPES = ("float", "int", "bool", "str", "axes", "mask")
-KINDS = ("op", "optimizer")
+KINDS = ("op", "stream", "optimizer")
 GRADIENT_SOURCES = ("fixed", "quadratic", "rosenbrock")
 NONE_SENTINEL = "None"
 #: The value domains an input may declare (drawn by conformance/cases.py::draw), by input dtype.
@@ -133,6 +140,7 @@ _COMMON_KEYS = {"name", "family", "summary", "kind", "properties", "citation", "
 TOP_KEYS = {"op": _COMMON_KEYS | {"function", "vjp", "init_state", "backward", "backward_properties",
                                   "discontinuities", "inputs", "state", "outputs"},
             "optimizer": _COMMON_KEYS | {"step", "init", "slots"}}
+TOP_KEYS["stream"] = TOP_KEYS["op"]
 
 
 class SpecError(ValueError):
@@ -322,6 +330,11 @@ class Spec:
     @property
     def is_optimizer(self) -> bool:
         return self.kind == "optimizer"
+
+    @property
+    def is_trajectory(self) -> bool:
+        """Run as a free trajectory over T steps (optimizers and streams: conformance/trajectory.py)."""
+        return self.kind in ("optimizer", "stream")
 
     @property
     def backward_state(self) -> tuple[str, ...]:
@@ -535,7 +548,7 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
     if kind == "optimizer":
         spec = _optimizer_spec(data, name, path, citation, hparams, where)
     else:
-        spec = _op_spec(data, name, path, citation, hparams, where)
+        spec = _op_spec(data, name, path, citation, hparams, where, kind)
     if not spec.inputs or not spec.outputs:
         raise SpecError(f"{where}: needs at least one [[inputs]] and one [[outputs]]")
     if spec.state and not spec.init_state:
@@ -568,10 +581,14 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
 
 
 def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
-             hparams: dict[str, HParam], where: str) -> Spec:
+             hparams: dict[str, HParam], where: str, kind: str = "op") -> Spec:
     backward = need(data, "backward", str, where)
     if backward not in BACKWARD_KINDS:
         raise SpecError(f"{where}: backward must be one of {BACKWARD_KINDS}, got {backward!r}")
+    if kind == "stream" and (backward != "none" or "state" not in data):
+        raise SpecError(f"{where}: a stream op carries [[state]] from batch to batch and has backward = "
+                        f"'none' (its trajectory compares forward quantities), got backward = "
+                        f"{backward!r}{'' if 'state' in data else ' and no [[state]]'}")
     inputs = _tensors(data, "inputs", where)
     for t in inputs:
         if t.upper != "" and not (
@@ -609,6 +626,7 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
         inputs=inputs,
         state=state,
         outputs=_tensors(data, "outputs", where),
+        kind=kind,
     )
 
 

@@ -144,9 +144,9 @@ def test_the_bound_grows_with_curvature_and_forgets_through_an_ema():
     op = reference.get("sgd")
     shapes = {"w": (50,)}
     source = trajectory.GradientSource("fixed", shapes, 0, "sgd", "t")
-    initial = {"w": np.ones(50)}
+    initial = {"params/w": np.ones(50)}
     hps = [op.spec.resolve({"lr": 0.1, "momentum": 0.9})] * 6
-    state0 = op.init_state({"params/w": initial["w"]}, **hps[0])
+    state0 = op.init_state(initial, **hps[0])
 
     def baseline(hp, arrays):
         return {}
