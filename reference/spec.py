@@ -52,6 +52,15 @@ malformed spec raises :class:`SpecError` naming the file and the key):
                   ``nullable = true``.
 ``[dialects.<framework>]``  ``api`` (the framework call), ``source`` (file it was read from),
                   ``notes``, and ``hparams`` = the values that reproduce that framework.
+``draws``         (inputs) ``true`` for random draws the op consumes (U[0, 1) variates, domain
+                  ``uniform``): sampling methods take their randomness as an input, so the oracle
+                  is deterministic and an adapter that takes draws (``OpSupport.takes_draws``) is
+                  given the same ones; one that samples its own is called many times without them
+                  and its outputs' means are tested against ``expectation``
+                  (conformance/distributional.py)
+``expectation``   (ops with ``draws`` inputs, required there) ``"module:callable"``, ``(inputs
+                  without the draws, hparams) -> {output: (mean, low, high)}``: each output's
+                  expectation over the draws and a range holding it almost surely
 ``discontinuities``  (ops with jumps: a binned metric) ``"module:callable"``, ``(inputs, hparams,
                   rel) -> {input: bool mask}``: which input values lie within relative distance
                   ``rel`` of a jump (a bin edge).  The error model's probes leave them still (a
@@ -138,7 +147,7 @@ DOMAINS = tuple(d for ds in DOMAINS_OF.values() for d in ds)
 _COMMON_KEYS = {"name", "family", "summary", "kind", "properties", "citation", "hparams", "dialects", "cases",
                 "error_cases"}
 TOP_KEYS = {"op": _COMMON_KEYS | {"function", "vjp", "init_state", "backward", "backward_properties",
-                                  "discontinuities", "inputs", "state", "outputs"},
+                                  "discontinuities", "expectation", "inputs", "state", "outputs"},
             "optimizer": _COMMON_KEYS | {"step", "init", "slots"}}
 TOP_KEYS["stream"] = TOP_KEYS["op"]
 
@@ -199,6 +208,10 @@ class TensorSpec:
     #: outputs: the name of another output this one is multiplied or divided by (spectral norm's
     #: ``w = W / sigma``): that output's own rounding error enters this one relatively
     scaled_by: str = ""
+    #: inputs: random draws the op consumes (U[0, 1) variates, domain "uniform"): given to the
+    #: oracle and to adapters that take them; an adapter that samples its own is checked in
+    #: distribution against the spec's ``expectation`` (conformance/distributional.py)
+    draws: bool = False
 
 
 @dataclass(frozen=True)
@@ -321,6 +334,10 @@ class Spec:
     #: ``module:function`` marking the inputs within a relative distance of a jump of the op (a
     #: bin edge): never probed; a case with such values is MISTRUSTED where it differs
     discontinuities: str = ""
+    #: ``module:function`` giving each output's expectation over the random draws and an
+    #: almost-sure range, ``(inputs without the draws, hparams) -> {output: (mean, low, high)}``
+    #: (ops with ``draws`` inputs: the distributional check of conformance/distributional.py)
+    expectation: str = ""
     #: bad inputs and the error they must raise (tests/test_error_cases.py runs every one)
     error_cases: tuple[dict[str, Any], ...] = ()
     #: resolve()'s validated results, keyed by the call (the harness resolves the same few
@@ -345,6 +362,11 @@ class Spec:
     @property
     def differentiable(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.inputs if t.differentiable)
+
+    @property
+    def draws(self) -> tuple[str, ...]:
+        """The inputs that are random draws (``draws = true``)."""
+        return tuple(t.name for t in self.inputs if t.draws)
 
     def defaults(self) -> dict[str, Any]:
         return {k: p.default for k, p in self.hparams.items()}
@@ -420,7 +442,7 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
     if key == "outputs":
         allowed.add("scaled_by")
     if key == "inputs":
-        allowed |= {"domain", "dtype", "upper"}
+        allowed |= {"domain", "dtype", "upper", "draws"}
     if key == "state":
         allowed.add("updated_in")
     for w, item in tables(data, key, where, allowed):
@@ -440,9 +462,14 @@ def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec,
                 dtype=dtype,
                 upper=item.get("upper", ""),
                 updated_in=str(item.get("updated_in", "forward")),
+                draws=bool(item.get("draws", False)),
             )
         )
         t = out[-1]
+        if t.draws and (t.domain != "uniform" or t.differentiable):
+            raise SpecError(f"{w}: random draws are U[0, 1) variates (domain = 'uniform') and not "
+                            f"differentiable, got domain {t.domain!r}"
+                            f"{', differentiable' if t.differentiable else ''}")
         if t.updated_in not in ("forward", "backward"):
             raise SpecError(f"{w}: updated_in must be 'forward' or 'backward', got {t.updated_in!r}")
         if t.domain not in DOMAINS_OF[dtype]:
@@ -612,6 +639,9 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
     unknown = [p for p in backward_properties if p not in properties]
     if unknown:
         raise SpecError(f"{where}: backward_properties must be among properties, got {unknown}")
+    if any(t.draws for t in inputs) != ("expectation" in data):
+        raise SpecError(f"{where}: an op with random-draw inputs (draws = true) names its 'expectation' "
+                        "(the outputs' mean and range over the draws), and only such an op")
     state = _tensors(data, "state", where)
     if backward == "none" and any(t.updated_in == "backward" for t in state):
         raise SpecError(f"{where}: state updated_in = 'backward' needs a backward pass (backward is 'none')")
@@ -623,6 +653,7 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
         backward=backward,
         backward_properties=backward_properties,
         discontinuities=str(data.get("discontinuities", "")),
+        expectation=str(data.get("expectation", "")),
         inputs=inputs,
         state=state,
         outputs=_tensors(data, "outputs", where),
