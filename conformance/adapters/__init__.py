@@ -134,6 +134,12 @@ class OpSupport:
         BatchNorm statistics and SpectralNorm's ``u`` as float32 variables for half-precision
         data; mixed-precision recipes keep float32 running statistics): state returned in it is
         not a dtype mismatch.  None: state comes back in the request's dtype, like everything.
+    ``takes_draws``
+        For ops with random-draw inputs (a spec's ``draws = true``: InfoBatch's pruning draws):
+        True when the framework can be given the draws (they are in the request, and its outputs
+        are compared with the oracle's on them); False when it samples its own: the request has
+        no draws, the adapter is called many times, and the means of its outputs are tested
+        against the op's expectation (conformance/distributional.py).
     """
 
     dialect: dict[str, Any] = field(default_factory=dict)
@@ -143,6 +149,7 @@ class OpSupport:
     hparam_dtype: str = "float64"
     not_kept: tuple[str, ...] = ()
     state_dtype: str | None = None
+    takes_draws: bool = True
 
 
 @dataclass
