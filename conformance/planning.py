@@ -40,15 +40,17 @@ class Profile:
     random: int           # extra seeded random cases per op (shapes and hyper-parameters)
     timeout: float        # seconds per adapter call
     trajectory_steps: int = 20  # steps of an optimizer trajectory (conformance/trajectory.py)
+    draw_samples: int = 4000    # samples of an op with draws for an adapter drawing its own
+                                # (conformance/distributional.py)
 
 
 PROFILES = {
     "quick": Profile("quick", steps=3, adversarial=False, realistic=False, random=0, timeout=30.0,
-                     trajectory_steps=5),
+                     trajectory_steps=5, draw_samples=2000),
     "default": Profile("default", steps=5, adversarial=True, realistic=True, random=2, timeout=60.0,
                        trajectory_steps=20),
     "thorough": Profile("thorough", steps=10, adversarial=True, realistic=True, random=20, timeout=120.0,
-                        trajectory_steps=200),
+                        trajectory_steps=200, draw_samples=20000),
 }
 
 

@@ -117,7 +117,11 @@ def run_case(
         return result
     result.hparams = _recorded(support.round_hparams(planned.op, hp, sup.hparam_dtype))
     result.gradients_checked = sup.gradients and op.spec.differentiable and not op.spec.is_optimizer
-    if op.spec.is_trajectory:
+    if op.spec.draws and not sup.takes_draws:
+        from conformance.distributional import run_distributional
+
+        run_distributional(adapter, planned, prof, op, hp, sup, result, seconds)
+    elif op.spec.is_trajectory:
         run_trajectory(adapter, planned, prof, op, hp, sup, result, trace, diagnose_fail, seconds)
     else:
         run_steps(adapter, planned, prof, op, hp, sup, result, trace, diagnose_fail, seconds)

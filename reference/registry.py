@@ -99,6 +99,14 @@ class Op:
         return _resolve_callable(self.spec.discontinuities, f"{self.spec.path} discontinuities")
 
     @property
+    def expectation(self) -> Callable[..., Any] | None:
+        """The spec's ``expectation`` over the random draws, ``(inputs without the draws, hparams)
+        -> {output: (mean, low, high)}`` (None for an op without draws)."""
+        if not self.spec.expectation:
+            return None
+        return _resolve_callable(self.spec.expectation, f"{self.spec.path} expectation")
+
+    @property
     def vjp_function(self) -> Callable[..., Any]:
         if not self.spec.vjp:
             raise TypeError(f"{self.name} has no VJP: backward = {self.spec.backward!r}, no input is "
