@@ -102,25 +102,62 @@ optimizer op is also an ordinary op over *flat* arrays: inputs ``params/<path>``
 
 Public entry points: :func:`load_spec` (one file), :func:`all_specs` (every spec under
 :func:`specs_dir`, loaded once).  Binding a spec to its functions is :mod:`reference.registry`.
+
+This module holds the :class:`Spec` and reads its top-level keys; the rest of the loader is split
+by table, and every name defined here before that split stays importable from here:
+reference/spec_schema.py (the allowed values of the enumerated keys, :class:`SpecError`, the TOML
+table readers), reference/spec_tensors.py (``[[inputs]]``/``[[state]]``/``[[outputs]]``/
+``[[slots]]`` as :class:`TensorSpec`, ``[hparams.<name>]`` as :class:`HParam`) and
+reference/spec_cases.py (``[[cases]]`` and ``[[error_cases]]``).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from reference.spec_cases import error_cases, op_cases, optimizer_cases
+from reference.spec_schema import (
+    BACKWARD_KINDS,
+    BOUNDED_DOMAINS,
+    DOMAINS,
+    DOMAINS_OF,
+    GRADIENT_SOURCES,
+    HPARAM_TYPES,
+    KINDS,
+    NONE_SENTINEL,
+    TOP_KEYS,
+    SpecError,
+    need,
+    table,
+    tables,
+)
+from reference.spec_tensors import HParam, TensorSpec, read_hparam, read_slots, read_tensors, unsentinel
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+# The names defined in spec_schema.py and spec_tensors.py are re-exported: they were defined here
+# before the split, and `from reference.spec import X` keeps working for every one of them.
 __all__ = [
+    "BACKWARD_KINDS",
+    "BOUNDED_DOMAINS",
+    "DOMAINS",
+    "DOMAINS_OF",
+    "GRADIENT_SOURCES",
+    "HPARAM_TYPES",
+    "KINDS",
+    "NONE_SENTINEL",
+    "OPTIMIZER_INPUTS",
+    "OPTIMIZER_OUTPUTS",
+    "TOP_KEYS",
     "Citation",
     "HParam",
     "Spec",
@@ -128,32 +165,13 @@ __all__ = [
     "TensorSpec",
     "all_specs",
     "load_spec",
+    "need",
     "specs_dir",
     "specs_dirs",
+    "table",
+    "tables",
+    "unsentinel",
 ]
-
-BACKWARD_KINDS = ("exact", "custom", "surrogate", "none")
-HPARAM_TYPES = ("float", "int", "bool", "str", "axes", "mask")
-KINDS = ("op", "stream", "optimizer")
-GRADIENT_SOURCES = ("fixed", "quadratic", "rosenbrock")
-NONE_SENTINEL = "None"
-#: The value domains an input may declare (drawn by conformance/cases.py::draw), by input dtype.
-DOMAINS_OF = {"float64": ("normal", "around_one", "steps", "uniform", "on_edges"), "int64": ("index",),
-              "bool": ("mask",)}
-#: Domains whose values need a bound ``upper`` (an int or an int hyper-parameter).
-BOUNDED_DOMAINS = ("index", "on_edges")
-DOMAINS = tuple(d for ds in DOMAINS_OF.values() for d in ds)
-#: The top-level keys of each kind of spec (the module docstring).
-_COMMON_KEYS = {"name", "family", "summary", "kind", "properties", "citation", "hparams", "dialects", "cases",
-                "error_cases"}
-TOP_KEYS = {"op": _COMMON_KEYS | {"function", "vjp", "init_state", "backward", "backward_properties",
-                                  "discontinuities", "expectation", "inputs", "state", "outputs"},
-            "optimizer": _COMMON_KEYS | {"step", "init", "slots"}}
-TOP_KEYS["stream"] = TOP_KEYS["op"]
-
-
-class SpecError(ValueError):
-    """A spec file is malformed; the message names the file and the key."""
 
 
 def specs_dir() -> Path:
@@ -182,133 +200,6 @@ class Citation:
     equations: str
     code: str
     notes: str = ""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: str
-    differentiable: bool = False
-    optional: bool = False
-    doc: str = ""
-    per: str = ""   # optimizer slots: "param" (one array per parameter) or "global" (a scalar)
-    exact: bool = False  # integer-valued (a step count): read exactly, never rounding-perturbed
-    #: state: "forward" (the forward pass updates it, the default) or "backward" (the VJP reads
-    #: and updates it, e.g. PowerNorm's running statistic of the output gradient)
-    updated_in: str = "forward"
-    #: inputs: the values a generated case draws (conformance/cases.py::draw): "normal" N(0, 1),
-    #: "around_one" 1 + N(0, 1)/2 (gains: no channel switched off), "steps" 0, 1, 2, ...
-    domain: str = "normal"
-    #: inputs: "float64" (promoted, rounded to the dtype under test, perturbed by the error
-    #: model), or "int64" / "bool" (class labels, indices, masks: passed to every side unchanged,
-    #: never rounded, perturbed or differentiated)
-    dtype: str = "float64"
-    #: int64 inputs: values lie in [0, upper); an integer or the name of an int hyper-parameter
-    upper: int | str = ""
-    #: outputs: the name of another output this one is multiplied or divided by (spectral norm's
-    #: ``w = W / sigma``): that output's own rounding error enters this one relatively
-    scaled_by: str = ""
-    #: inputs: random draws the op consumes (U[0, 1) variates, domain "uniform"): given to the
-    #: oracle and to adapters that take them; an adapter that samples its own is checked in
-    #: distribution against the spec's ``expectation`` (conformance/distributional.py)
-    draws: bool = False
-
-
-@dataclass(frozen=True)
-class HParam:
-    name: str
-    type: str
-    default: Any
-    allowed: tuple[Any, ...] | None = None
-    min: float | None = None
-    max: float | None = None
-    gt: float | None = None
-    lt: float | None = None
-    nullable: bool = False
-    doc: str = ""
-
-    def domain(self) -> str:
-        """The allowed values in words, for error messages and ``normref show``."""
-        parts = []
-        if self.allowed is not None:
-            parts.append("one of " + ", ".join(repr(a) for a in self.allowed))
-        if self.gt is not None:
-            parts.append(f"> {self.gt}")
-        if self.min is not None:
-            parts.append(f">= {self.min}")
-        if self.lt is not None:
-            parts.append(f"< {self.lt}")
-        if self.max is not None:
-            parts.append(f"<= {self.max}")
-        text = f"{self.type} " + " and ".join(parts) if parts else self.type
-        return text + (" or None" if self.nullable else "")
-
-    def check(self, op: str, value: Any) -> Any:
-        """Return ``value`` (axes normalized to a tuple) or raise naming op, key and domain."""
-        where = f"{op}: hyper-parameter {self.name!r}"
-        if value is None:
-            if self.nullable:
-                return None
-            raise ValueError(f"{where} must be {self.domain()}, got None")
-        value = _check_type(where, self.type, value)
-        if self.allowed is not None and not callable(value) and value not in self.allowed:
-            raise ValueError(f"{where} must be {self.domain()}, got {value!r}")
-        if self.type in ("float", "int"):
-            bad = (
-                (self.type == "float" and not math.isfinite(value))
-                or (self.gt is not None and not value > self.gt)
-                or (self.min is not None and not value >= self.min)
-                or (self.lt is not None and not value < self.lt)
-                or (self.max is not None and not value <= self.max)
-            )
-            if bad:
-                raise ValueError(f"{where} must be {self.domain()}, got {value!r}")
-        return value
-
-
-def _check_type(where: str, kind: str, value: Any) -> Any:
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise TypeError(f"{where} must be a bool, got {type(value).__name__} {value!r}")
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise TypeError(f"{where} must be a str, got {type(value).__name__} {value!r}")
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            if not (hasattr(value, "__index__") and not isinstance(value, bool)):
-                raise TypeError(f"{where} must be an int, got {type(value).__name__} {value!r}")
-        return int(value)
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                return float(value)  # NumPy scalars
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"{where} must be a float, got {type(value).__name__} {value!r}"
-                ) from None
-        return float(value)
-    if kind == "mask":
-        # A parameter mask: the name of a predicate of reference.optimizers._tree.MASKS, or a
-        # callable (path, array) -> bool (Python API only; TOML cannot hold one).
-        if isinstance(value, str) or callable(value):
-            return value
-        raise TypeError(f"{where} must be a mask name or a callable (path, array) -> bool, "
-                        f"got {type(value).__name__} {value!r}")
-    if kind == "axes":
-        items = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
-        try:
-            items = tuple(items)
-        except TypeError:
-            raise TypeError(
-                f"{where} must be an int or a sequence of ints, got {type(value).__name__}"
-            ) from None
-        if not items or any(isinstance(a, bool) or not isinstance(a, int) for a in items):
-            raise TypeError(f"{where} must be an int or a non-empty sequence of ints, got {value!r}")
-        return items
-    raise AssertionError(kind)  # pragma: no cover
-
 
 @dataclass(frozen=True)
 class Spec:
@@ -407,144 +298,6 @@ class Spec:
 # Spec loading
 # --------------------------------------------------------------------------------------------
 
-
-def need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in data:
-        raise SpecError(f"{where}: missing key {key!r}")
-    value = data[key]
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise SpecError(f"{where}: key {key!r} must be {names}, got {type(value).__name__}")
-    return value
-
-
-def table(item: Any, where: str, allowed: set[str] | None = None) -> dict[str, Any]:
-    """``item`` checked to be a TOML table holding only ``allowed`` keys (any keys when None)."""
-    if not isinstance(item, dict):
-        raise SpecError(f"{where}: must be a table")
-    extra = set(item) - allowed if allowed is not None else set()
-    if extra:
-        raise SpecError(f"{where}: unknown keys {sorted(extra)}; allowed {sorted(allowed or ())}")
-    return item
-
-
-def tables(data: Mapping[str, Any], key: str, where: str, allowed: set[str]
-            ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The entries of the array of tables ``[[key]]``, each with its location for messages."""
-    for i, item in enumerate(data.get(key, [])):
-        w = f"{where} [[{key}]] #{i}"
-        yield w, table(item, w, allowed)
-
-
-def _tensors(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec, ...]:
-    out = []
-    allowed = {"name", "shape", "differentiable", "optional", "doc", "exact"}
-    if key == "outputs":
-        allowed.add("scaled_by")
-    if key == "inputs":
-        allowed |= {"domain", "dtype", "upper", "draws"}
-    if key == "state":
-        allowed.add("updated_in")
-    for w, item in tables(data, key, where, allowed):
-        dtype = str(item.get("dtype", "float64"))
-        if dtype not in DOMAINS_OF:
-            raise SpecError(f"{w}: dtype must be one of {tuple(DOMAINS_OF)}, got {dtype!r}")
-        out.append(
-            TensorSpec(
-                name=need(item, "name", str, w),
-                shape=need(item, "shape", str, w),
-                differentiable=bool(item.get("differentiable", False)),
-                optional=bool(item.get("optional", False)),
-                doc=str(item.get("doc", "")),
-                exact=bool(item.get("exact", False)),
-                scaled_by=str(item.get("scaled_by", "")),
-                domain=str(item.get("domain", DOMAINS_OF[dtype][0])),
-                dtype=dtype,
-                upper=item.get("upper", ""),
-                updated_in=str(item.get("updated_in", "forward")),
-                draws=bool(item.get("draws", False)),
-            )
-        )
-        t = out[-1]
-        if t.draws and (t.domain != "uniform" or t.differentiable):
-            raise SpecError(f"{w}: random draws are U[0, 1) variates (domain = 'uniform') and not "
-                            f"differentiable, got domain {t.domain!r}"
-                            f"{', differentiable' if t.differentiable else ''}")
-        if t.updated_in not in ("forward", "backward"):
-            raise SpecError(f"{w}: updated_in must be 'forward' or 'backward', got {t.updated_in!r}")
-        if t.domain not in DOMAINS_OF[dtype]:
-            raise SpecError(f"{w}: domain of a {dtype} input must be one of {DOMAINS_OF[dtype]}, "
-                            f"got {t.domain!r}")
-        if dtype != "float64" and (t.differentiable or t.exact):
-            raise SpecError(f"{w}: a {dtype} input is never differentiable or perturbed; drop "
-                            "differentiable/exact")
-        if (t.domain in BOUNDED_DOMAINS or dtype == "int64") and t.upper == "":
-            raise SpecError(f"{w}: the domains {BOUNDED_DOMAINS} and int64 inputs need 'upper' (an int "
-                            "or an int hyper-parameter)")
-        if dtype == "bool" and t.upper != "":
-            raise SpecError(f"{w}: a bool input has no 'upper'")
-    names = {t.name for t in out}
-    for t in out:
-        if t.scaled_by and (t.scaled_by not in names or t.scaled_by == t.name):
-            raise SpecError(f"{where} [[{key}]] {t.name!r}: scaled_by must name another output, "
-                            f"got {t.scaled_by!r} (outputs: {sorted(names)})")
-    return tuple(out)
-
-
-def _slots(data: Mapping[str, Any], where: str) -> tuple[TensorSpec, ...]:
-    """An optimizer's ``[[slots]]``: its state, one array per parameter or one global scalar."""
-    out = []
-    allowed = {"name", "per", "shape", "doc", "exact"}
-    for w, item in tables(data, "slots", where, allowed):
-        per = need(item, "per", str, w)
-        if per not in ("param", "global"):
-            raise SpecError(f"{w}: per must be 'param' or 'global', got {per!r}")
-        out.append(TensorSpec(name=need(item, "name", str, w), shape=need(item, "shape", str, w),
-                              doc=str(item.get("doc", "")), per=per,
-                              exact=bool(item.get("exact", False))))
-    return tuple(out)
-
-
-def _hparam(name: str, item: Any, where: str) -> HParam:
-    w = f"{where} [hparams.{name}]"
-    table(item, w, {"type", "default", "allowed", "min", "max", "gt", "lt", "nullable", "doc"})
-    kind = need(item, "type", str, w)
-    if kind not in HPARAM_TYPES:
-        raise SpecError(f"{w}: type must be one of {HPARAM_TYPES}, got {kind!r}")
-    if "default" not in item:
-        raise SpecError(f"{w}: missing key 'default'")
-    nullable = bool(item.get("nullable", False))
-
-    def unsentinel(v: Any) -> Any:
-        return None if nullable and v == NONE_SENTINEL else v
-
-    allowed = item.get("allowed")
-    param = HParam(
-        name=name,
-        type=kind,
-        default=unsentinel(item["default"]),
-        allowed=tuple(allowed) if allowed is not None else None,
-        min=item.get("min"),
-        max=item.get("max"),
-        gt=item.get("gt"),
-        lt=item.get("lt"),
-        nullable=nullable,
-        doc=str(item.get("doc", "")),
-    )
-    try:
-        checked = param.check(name, param.default)
-    except (TypeError, ValueError) as exc:
-        raise SpecError(f"{w}: default is invalid: {exc}") from None
-    if kind == "axes" and checked is not None:
-        param = HParam(**{**param.__dict__, "default": checked})
-    return param
-
-
-def unsentinel(param: HParam | None, value: Any) -> Any:
-    """TOML has no null: the string "None" means None for a nullable hyper-parameter."""
-    return None if param is not None and param.nullable and value == NONE_SENTINEL else value
-
-
 def load_spec(path: str | os.PathLike[str]) -> Spec:
     """Parse and validate one spec file."""
     path = Path(path)
@@ -571,7 +324,7 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
     hparams_raw = data.get("hparams", {})
     if not isinstance(hparams_raw, dict):
         raise SpecError(f"{where}: [hparams] must be a table")
-    hparams = {k: _hparam(k, v, where) for k, v in hparams_raw.items()}
+    hparams = {k: read_hparam(k, v, where) for k, v in hparams_raw.items()}
     if kind == "optimizer":
         spec = _optimizer_spec(data, name, path, citation, hparams, where)
     else:
@@ -599,10 +352,6 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
             "notes": str(dialect_table.get("notes", "")),
             "hparams": values,
         }
-    # The case tables are parsed by reference/spec_cases.py, which builds on this module's
-    # helpers (imported here, when a spec is loaded, so neither module imports the other first).
-    from reference.spec_cases import error_cases, op_cases, optimizer_cases
-
     cases = optimizer_cases(data, spec, where) if kind == "optimizer" else op_cases(data, spec, where)
     return Spec(**{**spec.__dict__, "cases": cases, "error_cases": error_cases(data, spec, where)})
 
@@ -616,7 +365,7 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
         raise SpecError(f"{where}: a stream op carries [[state]] from batch to batch and has backward = "
                         f"'none' (its trajectory compares forward quantities), got backward = "
                         f"{backward!r}{'' if 'state' in data else ' and no [[state]]'}")
-    inputs = _tensors(data, "inputs", where)
+    inputs = read_tensors(data, "inputs", where)
     for t in inputs:
         if t.upper != "" and not (
                 (isinstance(t.upper, int) and t.upper >= 1)
@@ -642,7 +391,7 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
     if any(t.draws for t in inputs) != ("expectation" in data):
         raise SpecError(f"{where}: an op with random-draw inputs (draws = true) names its 'expectation' "
                         "(the outputs' mean and range over the draws), and only such an op")
-    state = _tensors(data, "state", where)
+    state = read_tensors(data, "state", where)
     if backward == "none" and any(t.updated_in == "backward" for t in state):
         raise SpecError(f"{where}: state updated_in = 'backward' needs a backward pass (backward is 'none')")
     return Spec(
@@ -656,7 +405,7 @@ def _op_spec(data: Mapping[str, Any], name: str, path: Path, citation: Citation,
         expectation=str(data.get("expectation", "")),
         inputs=inputs,
         state=state,
-        outputs=_tensors(data, "outputs", where),
+        outputs=read_tensors(data, "outputs", where),
         kind=kind,
     )
 
@@ -691,7 +440,7 @@ def _optimizer_spec(data: Mapping[str, Any], name: str, path: Path, citation: Ci
         init_state=need(data, "init", str, where),
         backward="exact",
         inputs=OPTIMIZER_INPUTS,
-        state=_slots(data, where),
+        state=read_slots(data, where),
         outputs=OPTIMIZER_OUTPUTS,
         kind="optimizer",
     )

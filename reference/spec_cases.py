@@ -1,23 +1,22 @@
 """The case tables of a spec: ``[[cases]]`` (seeded cases of an op), an optimizer's trajectory
 ``[[cases]]``, and ``[[error_cases]]`` (bad arguments and the error they raise).  Their keys are
 documented with the rest of the schema in reference/spec.py; each table is validated on load and
-a malformed one raises :class:`~reference.spec.SpecError` naming the file and the key."""
+a malformed one raises :class:`~reference.spec.SpecError` naming the file and the key.
+
+reference/spec.py imports this module; this module needs the :class:`~reference.spec.Spec` only
+for annotations, so it imports it for type checkers alone and the two never import each other at
+run time."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reference.spec import (
-    BOUNDED_DOMAINS,
-    DOMAINS_OF,
-    GRADIENT_SOURCES,
-    Spec,
-    SpecError,
-    need,
-    tables,
-    unsentinel,
-)
+from reference.spec_schema import BOUNDED_DOMAINS, DOMAINS_OF, GRADIENT_SOURCES, SpecError, need, tables
+from reference.spec_tensors import unsentinel
+
+if TYPE_CHECKING:
+    from reference.spec import Spec
 
 __all__ = ["ERRORS", "ERROR_CASE_KEYS", "error_cases", "op_cases", "optimizer_cases"]
 
