@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import reference
-from conformance import judge, memo, runner, trajectory
+from conformance import judge, memo, runner, step_sources, trajectory
 from conformance.adapters import OpSupport, Request, Response
 from conformance.adapters.numpy32 import NumPy32Adapter
 
@@ -47,7 +47,7 @@ def test_model_gradients_are_the_gradients_of_their_losses():
 
     def rosen_loss(x):
         x = x.reshape(-1)
-        return np.sum(trajectory.ROSENBROCK_A * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
+        return np.sum(step_sources.ROSENBROCK_A * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
 
     def quad_loss(x):
         return 0.5 * np.sum(quad.curvature["w"] * (x - quad.center["w"]) ** 2)

@@ -29,13 +29,13 @@ def _trajectory_check(steps: int) -> None:
     import numpy as np
 
     import reference
-    from conformance import runner, trajectory
+    from conformance import runner, step_sources, trajectory
     from conformance.adapters import load_adapter
     from conformance.cases import Case, case_rng
 
     adapter = load_adapter("torch")
     rng = case_rng(0, "bench", "adamw")
-    inputs = {f"params/{p}": trajectory._initial(rng, p, s, "fixed") for p, s in MODEL.items()}
+    inputs = {f"params/{p}": step_sources._initial(rng, p, s, "fixed") for p, s in MODEL.items()}
     case = Case("adamw", "bench10", inputs, {}, None, 0,
                 overrides={"lr": 1e-2, "weight_decay": 0.1},
                 tags=("gradients:fixed", "schedule:drop", f"steps:{steps}"))
