@@ -95,9 +95,9 @@ def test_declares_every_core_normalizer_with_flax_conventions(adapter):
 
 def _request(op: str, inputs, *, state=None, cotangents=None, **hp):
     spec = reference.get(op).spec
-    from conformance.adapters.jax import DIALECTS
+    from conformance.adapters.jax import MAPPINGS
 
-    return Request(op, "float64", inputs, state, spec.resolve({**hp, **DIALECTS[op]}), cotangents)
+    return Request(op, "float64", inputs, state, spec.resolve({**hp, **MAPPINGS[op].dialect}), cotangents)
 
 
 @pytest.mark.parametrize(

@@ -82,9 +82,9 @@ def test_dialects_are_conventions_of_the_spec_tables(adapter):
 
 def _request(op: str, inputs: dict[str, np.ndarray], **hp) -> Request:
     spec = reference.get(op).spec
-    from conformance.adapters.pytorch_optimizer import DIALECTS
+    from conformance.adapters.pytorch_optimizer import MAPPINGS
 
-    resolved = spec.resolve({**hp, **DIALECTS[op]})
+    resolved = spec.resolve({**hp, **MAPPINGS[op].dialect})
     state = reference.get(op).init_state(inputs, **resolved)
     return Request(op, "float64", inputs, state, resolved, None)
 

@@ -91,7 +91,7 @@ def test_every_core_normalizer_in_every_dtype(adapter):
         assert support.api
 
 
-@pytest.mark.parametrize("op", sorted(torch_adapter.DIALECTS))
+@pytest.mark.parametrize("op", sorted(torch_adapter.MAPPINGS))
 def test_declared_dialect_is_the_specs_torch_table(adapter, op):
     """Each declared value is a convention knob with the value of the spec's torch dialect
     (timm's for weight standardization, which torch has no op for); no layout knob."""
@@ -124,7 +124,7 @@ def test_device_from_the_environment(monkeypatch):
 def _request(op: str, dtype: str = "float64", *, hparams: dict | None = None, state=None,
              cotangents: bool = True, **inputs: np.ndarray) -> Request:
     spec = reference.get(op).spec
-    hp = spec.resolve({**torch_adapter.DIALECTS[op], **(hparams or {})})
+    hp = spec.resolve({**torch_adapter.MAPPINGS[op].dialect, **(hparams or {})})
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in inputs.items()}
     if state is None and spec.state:
         state = reference.get(op).init_state(arrays, **hp)

@@ -231,7 +231,7 @@ def test_pytest_plugin_turns_cases_into_items(tmp_path, workers):
 def test_the_mapping_file_list_is_every_mapping_file():
     """The adapters import their per-family mapping files from an explicit list (no directory scan
     at run time): every file on disk is in it, and nothing else."""
-    from conformance.adapters._optim_common import EXTENSIONS
+    from conformance.adapters.mapping import EXTENSIONS
 
     here = Path(runner.__file__).parent / "adapters"
     for prefix, stems in EXTENSIONS.items():
@@ -251,13 +251,13 @@ def test_built_in_declared_conventions_agree_with_the_spec_tables():
     pytest.importorskip("jax")
     from conformance.adapters import jax as jax_adapter
     from conformance.adapters import torch as torch_adapter
-    from conformance.adapters._optim_common import load_extensions
+    from conformance.adapters.mapping import load_extensions
 
-    declared = [("torch", op, d, _TABLES["torch"].get(op, "torch")) for op, d in torch_adapter.DIALECTS.items()]
-    declared += [("jax", op, d, _TABLES["jax"].get(op, "flax")) for op, d in jax_adapter.DIALECTS.items()]
+    declared = [("torch", op, m.dialect, _TABLES["torch"].get(op, "torch"))
+                for op, m in torch_adapter.MAPPINGS.items()]
+    declared += [("jax", op, m.dialect, _TABLES["jax"].get(op, "flax")) for op, m in jax_adapter.MAPPINGS.items()]
     for prefix, table in (("_torch_", "torch"), ("_optax_", "optax")):
-        declared += [(prefix, op, d, table) for ext in load_extensions(prefix)
-                     for op, d in getattr(ext, "DIALECTS", {}).items()]
+        declared += [(prefix, op, m.dialect, table) for op, m in load_extensions(prefix).items()]
     for who, op, knobs, table in declared:
         spec = reference.get(op).spec
         assert table in spec.dialects, f"{who} {op}: the spec has no [dialects.{table}]"

@@ -558,9 +558,10 @@ CASES = [(name, case["name"]) for name in SCHEDULES for case in reference.get(na
 @pytest.mark.parametrize(("fw", "module"), _frameworks())
 def test_mapping_dialects_equal_the_specs(fw, module):
     mapping = _mapping(module)
-    assert set(mapping.SCHEDULES) == set(SCHEDULES) == set(mapping.DIALECTS) == set(mapping.API)
+    assert set(mapping.MAPPINGS) == set(SCHEDULES)
     for name in SCHEDULES:
-        assert mapping.DIALECTS[name] == reference.get(name).spec.dialects[fw]["hparams"]
+        assert mapping.MAPPINGS[name].dialect == reference.get(name).spec.dialects[fw]["hparams"]
+        assert mapping.MAPPINGS[name].api
 
 
 @pytest.mark.parametrize(("fw", "module"), _frameworks())
@@ -573,7 +574,7 @@ def test_cases_match_framework(fw, module, name, case_name):
     mapping = _mapping(module)
     op = reference.get(name)
     case = next(c for c in op.spec.cases if c["name"] == case_name)
-    hp = op.spec.resolve({**mapping.DIALECTS[name], **case["overrides"]})
+    hp = op.spec.resolve({**mapping.MAPPINGS[name].dialect, **case["overrides"]})
     t = steps(case["shapes"]["t"][0])
     forms = [hp["form"], "closed"] if fw == "torch" and "form" in hp else [hp.get("form")]
     checked = 0
@@ -581,7 +582,7 @@ def test_cases_match_framework(fw, module, name, case_name):
         run = dict(hp) if form is None else {**hp, "form": form}
         ref = op.apply({"t": t}, None, **run)[0]["lr"]
         try:
-            got = mapping.SCHEDULES[name](t, run)
+            got = mapping.MAPPINGS[name].fn(t, run)
         except Unsupported:
             continue
         checked += 1
@@ -603,8 +604,8 @@ def test_cases_match_framework(fw, module, name, case_name):
 
 def _torch_exact(name, t, **hp):
     mapping = _mapping("conformance.adapters._torch_schedules")
-    run = reference.get(name).spec.resolve({**mapping.DIALECTS[name], **hp})
-    np.testing.assert_array_equal(mapping.SCHEDULES[name](t, run),
+    run = reference.get(name).spec.resolve({**mapping.MAPPINGS[name].dialect, **hp})
+    np.testing.assert_array_equal(mapping.MAPPINGS[name].fn(t, run),
                                   reference.get(name).apply({"t": t}, None, **run)[0]["lr"])
 
 
@@ -652,7 +653,7 @@ def test_optax_jit_polynomial_end():
         hp = reference.get("polynomial").spec.resolve(
             {"power": 0.5, "total_steps": total, "end_lr": 1e-4})
         ref = polynomial(t, **hp)
-        got = optax_map.SCHEDULES["polynomial"](t, hp)
+        got = optax_map.MAPPINGS["polynomial"].fn(t, hp)
         np.testing.assert_allclose(got[:total], ref[:total], rtol=1e-14)
         assert np.all(ref[total:] == 1e-4)
         tail = got[total:]
@@ -669,17 +670,17 @@ def test_unsupported_values_are_refused():
     cos = reference.get("cosine").spec.resolve({"total_steps": 10, "past_end": "hold",
                                                 "form": "recursive"})
     with pytest.raises(Unsupported, match="cannot hold eta_min"):
-        torch_map.SCHEDULES["cosine"](t, cos)
+        torch_map.MAPPINGS["cosine"].fn(t, cos)
     with pytest.raises(Unsupported, match="holds its end value"):
-        optax_map.SCHEDULES["cosine"](t, {**cos, "form": "closed", "past_end": "periodic"})
+        optax_map.MAPPINGS["cosine"].fn(t, {**cos, "form": "closed", "past_end": "periodic"})
     oc = reference.get("one_cycle").spec.resolve({"total_steps": 20})
     with pytest.raises(Unsupported, match="raises past total_steps"):
-        torch_map.SCHEDULES["one_cycle"](t, oc)
+        torch_map.MAPPINGS["one_cycle"].fn(t, oc)
     with pytest.raises(Unsupported, match="does not implement"):
-        torch_map.SCHEDULES["polynomial"](t, {**reference.get("polynomial").spec.defaults(),
+        torch_map.MAPPINGS["polynomial"].fn(t, {**reference.get("polynomial").spec.defaults(),
                                               "form": "recursive", "new_knob": 1})
     with pytest.raises(Unsupported, match="start_factor"):
-        torch_map.SCHEDULES["linear_warmup"](t, {**reference.get("linear_warmup").spec.defaults(),
+        torch_map.MAPPINGS["linear_warmup"].fn(t, {**reference.get("linear_warmup").spec.defaults(),
                                                  "init_lr": 0.0})
 
 

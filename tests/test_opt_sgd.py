@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 import optim_helpers as oh
 import reference
-from reference.optimizers import sgd
-from reference.optimizers._tree import param_groups
+from reference.optimizers import param_groups, sgd
 
 LRS = [0.05 * m for m in oh.LR_MULTIPLIERS]
 

@@ -1,4 +1,4 @@
-"""optax adagrad and rmsprop (the jax adapter loads this file's ``OPS``).
+"""optax adagrad and rmsprop (the jax adapter loads this file's ``MAPPINGS``).
 
 Built like ``_optax_optim``: the transformation a user writes (``optax.add_decayed_weights(wd,
 mask)`` first for L2 weight decay, then the alias with a constant rate equal to this step's lr),
@@ -19,14 +19,17 @@ its state's fields replaced by the request's slots, one ``update`` and ``apply_u
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import optax
 
-from conformance.adapters import Request, Response
+from conformance.adapters import Response
 from conformance.adapters._optax_optim import OptaxStep
+from conformance.adapters.mapping import Mapping
+
+#: What a request becomes before a mapping sees it.
+STEP = OptaxStep
 
 
 def _l2_first(c: OptaxStep) -> list[Any]:
@@ -78,19 +81,14 @@ def rmsprop(c: OptaxStep) -> Response:
     return response
 
 
-_MAPPINGS: dict[str, Callable[[OptaxStep], Response]] = {"adagrad": adagrad, "rmsprop": rmsprop}
-
-OPS: dict[str, Callable[[Request], Response]] = {
-    name: (lambda request, fn=fn: fn(OptaxStep(request))) for name, fn in _MAPPINGS.items()
+# optax.adagrad keeps no count, optax.rmsprop one only with bias_correction: ``step`` is not kept
+# (supplied by the harness, not compared; a wrong count still shows in the bias-corrected update).
+MAPPINGS: dict[str, Mapping] = {
+    "adagrad": Mapping(adagrad, api="optax.adagrad (+ add_decayed_weights)", dtypes=OptaxStep.DTYPES,
+                       dialect={"eps_placement": "inside", "empty_accumulator": "zero",
+                                "lr_decay": 0.0, "weight_decay_mode": "l2"},
+                       not_kept=("step",)),
+    "rmsprop": Mapping(rmsprop, api="optax.rmsprop (+ add_decayed_weights)", dtypes=OptaxStep.DTYPES,
+                       dialect={"lr_placement": "inside", "weight_decay_mode": "l2"},
+                       not_kept=("step",)),
 }
-DIALECTS: dict[str, dict[str, Any]] = {
-    "adagrad": {"eps_placement": "inside", "empty_accumulator": "zero", "lr_decay": 0.0,
-                "weight_decay_mode": "l2"},
-    "rmsprop": {"lr_placement": "inside", "weight_decay_mode": "l2"},
-}
-API = {"adagrad": "optax.adagrad (+ add_decayed_weights)",
-       "rmsprop": "optax.rmsprop (+ add_decayed_weights)"}
-DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
-#: optax.adagrad keeps no count, optax.rmsprop one only with bias_correction (supplied by the
-#: harness, not compared; a wrong count still shows in the bias-corrected update).
-NOT_KEPT = {"adagrad": ("step",), "rmsprop": ("step",)}

@@ -1,4 +1,4 @@
-"""optax: gradient clipping then plain SGD (the jax adapter loads this file's ``OPS``).
+"""optax: gradient clipping then plain SGD (the jax adapter loads this file's ``MAPPINGS``).
 
 The clipping specs are "SGD on the clipped gradient" with the coupled L2 decay added *after*
 clipping; in optax that is the chain a user writes, ``optax.chain(<clip>,
@@ -19,14 +19,15 @@ request's count plus one (the number of calls).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 import optax
 
-from conformance.adapters import Request, Response, Unsupported
+from conformance.adapters import Response, Unsupported
 from conformance.adapters._optax_optim import OptaxStep
+from conformance.adapters.mapping import Mapping
+
+#: What a request becomes before a mapping sees it.
+STEP = OptaxStep
 
 
 def _sgd(c: OptaxStep, clip: optax.GradientTransformation, op: str) -> Response:
@@ -62,22 +63,17 @@ def agc(c: OptaxStep) -> Response:
     return _sgd(c, clip, "agc")
 
 
-_MAPPINGS: dict[str, Callable[[OptaxStep], Response]] = {
-    "global_norm_clip": global_norm_clip, "per_tensor_clip": per_tensor_clip, "agc": agc}
-
-OPS: dict[str, Callable[[Request], Response]] = {
-    name: (lambda request, fn=fn: fn(OptaxStep(request))) for name, fn in _MAPPINGS.items()
+# The SGD step keeps no count: ``step`` is not kept (supplied by the harness, not compared).
+MAPPINGS: dict[str, Mapping] = {
+    "global_norm_clip": Mapping(
+        global_norm_clip, dtypes=OptaxStep.DTYPES, not_kept=("step",), dialect={"eps_add": 0.0},
+        api="optax.chain(optax.clip_by_global_norm, optax.add_decayed_weights, optax.sgd)"),
+    "per_tensor_clip": Mapping(
+        per_tensor_clip, dtypes=OptaxStep.DTYPES, not_kept=("step",),
+        dialect={"measure": "rms", "eps_add": 0.0},
+        api="optax.chain(optax.clip_by_block_rms, optax.add_decayed_weights, optax.sgd)"),
+    "agc": Mapping(
+        agc, dtypes=OptaxStep.DTYPES, not_kept=("step",),
+        dialect={"layout": "out_last", "compare_guarded": False},
+        api="optax.chain(optax.adaptive_grad_clip, optax.add_decayed_weights, optax.sgd)"),
 }
-DIALECTS: dict[str, dict[str, Any]] = {
-    "global_norm_clip": {"eps_add": 0.0},
-    "per_tensor_clip": {"measure": "rms", "eps_add": 0.0},
-    "agc": {"layout": "out_last", "compare_guarded": False},
-}
-API = {
-    "global_norm_clip": "optax.chain(optax.clip_by_global_norm, optax.add_decayed_weights, optax.sgd)",
-    "per_tensor_clip": "optax.chain(optax.clip_by_block_rms, optax.add_decayed_weights, optax.sgd)",
-    "agc": "optax.chain(optax.adaptive_grad_clip, optax.add_decayed_weights, optax.sgd)",
-}
-DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
-#: The SGD step keeps no count (supplied by the harness, not compared).
-NOT_KEPT = {name: ("step",) for name in _MAPPINGS}

@@ -1,4 +1,4 @@
-"""optax: the large-batch optimizers LARS and LAMB (the jax adapter loads this file's ``OPS``).
+"""optax: the large-batch optimizers LARS and LAMB (the jax adapter loads this file's ``MAPPINGS``).
 
 Built like ``_optax_optim.py`` (class :class:`OptaxStep`): the GradientTransformation a user
 writes, its state's fields replaced by the request's values, one ``update``, read back.
@@ -22,14 +22,15 @@ every tensor, so a request that leaves some tensor unadapted (trust_mask, trust_
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 import optax
 
-from conformance.adapters import Request, Response, Unsupported
+from conformance.adapters import Response, Unsupported
 from conformance.adapters._optax_optim import OptaxStep
+from conformance.adapters.mapping import Mapping
+
+#: What a request becomes before a mapping sees it.
+STEP = OptaxStep
 
 
 def lars(c: OptaxStep) -> Response:
@@ -87,19 +88,15 @@ def lamb(c: OptaxStep) -> Response:
     return c.run(tx, "lamb", {"mu": "exp_avg", "nu": "exp_avg_sq"})
 
 
-_MAPPINGS: dict[str, Callable[[OptaxStep], Response]] = {"lars": lars, "lamb": lamb}
-
-OPS: dict[str, Callable[[Request], Response]] = {
-    name: (lambda request, fn=fn: fn(OptaxStep(request))) for name, fn in _MAPPINGS.items()
+MAPPINGS: dict[str, Mapping] = {
+    "lars": Mapping(lars, api="optax.lars", dtypes=OptaxStep.DTYPES,
+                    dialect={"trust_denominator": "norm_of_sum", "lr_placement": "inside",
+                             "first_step": "zeros", "dampening": 0.0, "trust_clip": False,
+                             "zero_norm_rule": "one"},
+                    not_kept=("step",)),  # optax.lars keeps no count
+    "lamb": Mapping(lamb, api="optax.lamb (after optax.clip_by_global_norm with global_clip)",
+                    dtypes=OptaxStep.DTYPES,
+                    dialect={"weight_decay_mode": "update", "bias_correction": "adam",
+                             "grad_averaging": True, "trust_clip": False, "trust_eps": 0.0,
+                             "phi_min": 0.0, "phi_max": None, "global_clip_eps": 0.0}),
 }
-DIALECTS: dict[str, dict[str, Any]] = {
-    "lars": {"trust_denominator": "norm_of_sum", "lr_placement": "inside", "first_step": "zeros",
-             "dampening": 0.0, "trust_clip": False, "zero_norm_rule": "one"},
-    "lamb": {"weight_decay_mode": "update", "bias_correction": "adam", "grad_averaging": True,
-             "trust_clip": False, "trust_eps": 0.0, "phi_min": 0.0, "phi_max": None,
-             "global_clip_eps": 0.0},
-}
-API = {"lars": "optax.lars", "lamb": "optax.lamb (after optax.clip_by_global_norm with global_clip)"}
-DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
-#: optax.lars keeps no count (supplied by the harness, not compared).
-NOT_KEPT = {"lars": ("step",)}

@@ -1,4 +1,4 @@
-"""optax: the mapping of ``lookahead`` (the jax adapter loads this file's ``OPS``).
+"""optax: the mapping of ``lookahead`` (the jax adapter loads this file's ``MAPPINGS``).
 
 ``optax.lookahead(fast_optimizer, sync_period=k, slow_step_size=alpha, reset_state)`` works on
 ``LookaheadParams(fast, slow)``: the request's parameters are the fast weights and its ``slow``
@@ -21,20 +21,23 @@ State: ``LookaheadState.steps_since_sync`` is set to ``step mod k`` (the oracle 
 checked to agree with the oracle's new step modulo k (an AssertionError, so an ERROR, if not).
 The inner slots map to ``mu``/``nu``/``count`` (adam) and ``trace`` (sgd with momentum).  optax
 keeps the total step only modulo k and, for sgd, no inner count: ``step`` and ``inner_step`` are
-declared not kept (``NOT_KEPT``), supplied by the harness in every request, not compared.
+declared not kept (``not_kept``), supplied by the harness in every request, not compared.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from conformance.adapters import Request, Response, Unsupported
+from conformance.adapters import Response, Unsupported
 from conformance.adapters._optax_optim import OptaxStep, read_fields, replace_fields
+from conformance.adapters.mapping import Mapping
+
+#: What a request becomes before a mapping sees it.
+STEP = OptaxStep
 
 
 def _fast_optimizer(c: OptaxStep) -> tuple[Any, dict[str, str], bool]:
@@ -89,7 +92,7 @@ def lookahead(c: OptaxStep) -> Response:
     if int(read["steps_since_sync"]) != (t + 1) % k:
         raise AssertionError("optax's steps_since_sync disagrees with the oracle's step mod k")
     # optax keeps the step only modulo k (checked above) and an inner count only for Adam: both
-    # counts are declared not kept (NOT_KEPT) and supplied by the harness.
+    # counts are declared not kept (``not_kept``) and supplied by the harness.
     out_state: dict[str, np.ndarray] = {f"slow/{p}": np.asarray(v) for p, v in new_params.slow.items()}
     for field, slot in fields.items():
         tree = read.get(field)
@@ -99,13 +102,9 @@ def lookahead(c: OptaxStep) -> Response:
     return Response(outputs=outputs, state=out_state)
 
 
-_MAPPINGS: dict[str, Callable[[OptaxStep], Response]] = {"lookahead": lookahead}
-
-OPS: dict[str, Callable[[Request], Response]] = {
-    name: (lambda request, fn=fn: fn(OptaxStep(request))) for name, fn in _MAPPINGS.items()
+MAPPINGS: dict[str, Mapping] = {
+    "lookahead": Mapping(lookahead, dtypes=OptaxStep.DTYPES, dialect={"slow_init": "params"},
+                         api="optax.lookahead(fast_optimizer, sync_period, slow_step_size, "
+                             "reset_state) on LookaheadParams(fast, slow)",
+                         not_kept=("step", "inner_step")),
 }
-DIALECTS: dict[str, dict[str, Any]] = {"lookahead": {"slow_init": "params"}}
-API = {"lookahead": "optax.lookahead(fast_optimizer, sync_period, slow_step_size, reset_state) "
-                    "on LookaheadParams(fast, slow)"}
-DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
-NOT_KEPT = {"lookahead": ("step", "inner_step")}

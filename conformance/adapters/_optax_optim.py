@@ -1,4 +1,4 @@
-"""optax: one mapping per optimizer op (the jax adapter loads this file's ``OPS``).
+"""optax: one mapping per optimizer op (the jax adapter loads this file's ``MAPPINGS``).
 
 Each step builds the optax ``GradientTransformation`` a user would write for the request's
 hyper-parameters (a constant ``learning_rate`` equal to this step's lr: the schedule is applied by
@@ -13,7 +13,6 @@ enables x64 when it is created, so float64 runs in float64.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -21,13 +20,16 @@ import numpy as np
 import optax
 
 from conformance.adapters import Request, Response, Unsupported
-from conformance.adapters._optim_common import OptimizerRequest
+from conformance.adapters.mapping import Mapping, OptimizerRequest
 
 _DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 
 
 class OptaxStep(OptimizerRequest):
     """One optimizer step in optax."""
+
+    #: The dtypes a step runs in (any other request is Unsupported).
+    DTYPES: tuple[str, ...] = tuple(_DTYPES)
 
     def __init__(self, request: Request) -> None:
         super().__init__(request)
@@ -63,7 +65,7 @@ class OptaxStep(OptimizerRequest):
         outputs = {f"params/{p}": np.asarray(v) for p, v in new_params.items()}
         read = read_fields(new_state, [*fields, *([count] if count else [])])
         # optax's own count where the transformation keeps one; without it (sgd, adagrad, lars,
-        # clipping) ``step`` is not kept (NOT_KEPT of each mapping file).
+        # clipping) ``step`` is not kept (``not_kept`` of each mapping).
         out_state: dict[str, np.ndarray] = {}
         if count and read.get(count) is not None:
             out_state["step"] = np.asarray(float(np.asarray(read[count])))
@@ -188,21 +190,18 @@ def adamw(c: OptaxStep) -> Response:
     return c.run(tx, "adamw", fields)
 
 
-_MAPPINGS: dict[str, Callable[[OptaxStep], Response]] = {"sgd": sgd, "adam": adam, "adamw": adamw}
+#: What a request becomes before a mapping sees it.
+STEP = OptaxStep
 
-OPS: dict[str, Callable[[Request], Response]] = {
-    name: (lambda request, fn=fn: fn(OptaxStep(request))) for name, fn in _MAPPINGS.items()
+MAPPINGS: dict[str, Mapping] = {
+    "sgd": Mapping(sgd, api="optax.sgd (+ add_decayed_weights)", dtypes=OptaxStep.DTYPES,
+                   dialect={"lr_placement": "outside", "first_step": "zeros",
+                            "momentum_correction": False, "weight_decay_mode": "l2"},
+                   not_kept=("step",)),  # optax.sgd keeps no count
+    "adam": Mapping(adam, api="optax.adam / optax.amsgrad", dtypes=OptaxStep.DTYPES,
+                    dialect={"adam_eps_mode": "corrected", "amsgrad_max_of": "corrected",
+                             "weight_decay_mode": "l2"}),
+    "adamw": Mapping(adamw, api="optax.adamw (scale_by_amsgrad with amsgrad)", dtypes=OptaxStep.DTYPES,
+                     dialect={"adam_eps_mode": "corrected", "amsgrad_max_of": "corrected",
+                              "weight_decay_mode": "decoupled_lr"}),
 }
-DIALECTS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr_placement": "outside", "first_step": "zeros", "momentum_correction": False,
-            "weight_decay_mode": "l2"},
-    "adam": {"adam_eps_mode": "corrected", "amsgrad_max_of": "corrected", "weight_decay_mode": "l2"},
-    "adamw": {"adam_eps_mode": "corrected", "amsgrad_max_of": "corrected",
-              "weight_decay_mode": "decoupled_lr"},
-}
-API = {"sgd": "optax.sgd (+ add_decayed_weights)", "adam": "optax.adam / optax.amsgrad",
-       "adamw": "optax.adamw (scale_by_amsgrad with amsgrad)"}
-DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
-#: State optax does not keep (supplied by the harness, not compared).
-NOT_KEPT = {"sgd": ("step",)}
-

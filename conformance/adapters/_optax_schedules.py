@@ -1,6 +1,6 @@
 """optax schedules: one mapping per schedule op (family ``schedules``).
 
-``SCHEDULES[op](t, hparams) -> lr``: ``t`` is a NumPy array of step counts, ``hparams`` the full
+``MAPPINGS[op].fn(t, hparams) -> lr``: ``t`` is a NumPy array of step counts, ``hparams`` the full
 hyper-parameter dict of the request; the result is a float64 NumPy array of t's shape.  Each
 mapping builds the optax schedule a user would write and evaluates it at each count of
 ``jnp.asarray(t, float64)``: ``jax.jit(jax.vmap(schedule))``, scalar counts as optax's state
@@ -13,8 +13,8 @@ boundary in turn (``form = "recursive"``), ``exponential_decay(staircase=True)``
 form of periodic step decay; every other optax schedule is a closed form.  Hyper-parameter values
 optax cannot express raise :class:`Unsupported`; every hyper-parameter must be read.
 
-``DIALECTS[op]``: the convention knobs optax follows (the specs' ``[dialects.optax]``);
-``API[op]``: the optax call.
+``MAPPINGS[op].dialect``: the convention knobs optax follows (the specs' ``[dialects.optax]``);
+``MAPPINGS[op].api``: the optax call; ``dtypes`` float64 only (schedules are host-side floats).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import numpy as np
 import optax
 
 from conformance.adapters import HyperParameters, Unsupported
+from conformance.adapters.mapping import Mapping
 
-__all__ = ["API", "DIALECTS", "SCHEDULES"]
+__all__ = ["MAPPINGS"]
 
 
 def _hparams(op: str, hparams: dict[str, Any]) -> HyperParameters:
@@ -135,33 +136,28 @@ def _one_cycle(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
     return _evaluate(schedule, t)
 
 
-SCHEDULES: dict[str, Callable[[np.ndarray, dict[str, Any]], np.ndarray]] = {
-    "linear_warmup": _linear_warmup,
-    "step_decay": _step_decay,
-    "cosine": _cosine,
-    "polynomial": _polynomial,
-    "one_cycle": _one_cycle,
-}
+_FLOAT64 = ("float64",)
 
-DIALECTS: dict[str, dict[str, Any]] = {
-    "linear_warmup": {"form": "closed"},
-    "step_decay": {"form": "recursive"},
-    "cosine": {"form": "closed", "past_end": "hold"},
-    "polynomial": {"form": "closed"},
-    "one_cycle": {"boundary": "truncated"},
-}
-
-API: dict[str, str] = {
-    "linear_warmup": "optax.linear_schedule(init_value=init_lr, end_value=peak_lr, "
-                     "transition_steps=warmup_steps)",
-    "step_decay": "optax.piecewise_constant_schedule(base_lr, {m: gamma}) (form=closed: "
-                  "optax.exponential_decay(base_lr, step_size, gamma, staircase=True))",
-    "cosine": "optax.cosine_decay_schedule(base_lr, total_steps, alpha=eta_min/base_lr, exponent)"
-              " / optax.warmup_cosine_decay_schedule(warmup_init_lr, base_lr, warmup_steps, "
-              "total_steps, eta_min, exponent)",
-    "polynomial": "optax.polynomial_schedule(base_lr, end_lr, power, total_steps, "
-                  "transition_begin)",
-    "one_cycle": "optax.cosine_onecycle_schedule(total_steps, max_lr, pct_start, div_factor, "
-                 "final_div_factor) / optax.linear_onecycle_schedule(total_steps, max_lr, "
-                 "pct_start, pct_final, div_factor, final_div_factor)",
+MAPPINGS: dict[str, Mapping] = {
+    "linear_warmup": Mapping(
+        _linear_warmup, dtypes=_FLOAT64, dialect={"form": "closed"},
+        api="optax.linear_schedule(init_value=init_lr, end_value=peak_lr, "
+            "transition_steps=warmup_steps)"),
+    "step_decay": Mapping(
+        _step_decay, dtypes=_FLOAT64, dialect={"form": "recursive"},
+        api="optax.piecewise_constant_schedule(base_lr, {m: gamma}) (form=closed: "
+            "optax.exponential_decay(base_lr, step_size, gamma, staircase=True))"),
+    "cosine": Mapping(
+        _cosine, dtypes=_FLOAT64, dialect={"form": "closed", "past_end": "hold"},
+        api="optax.cosine_decay_schedule(base_lr, total_steps, alpha=eta_min/base_lr, exponent)"
+            " / optax.warmup_cosine_decay_schedule(warmup_init_lr, base_lr, warmup_steps, "
+            "total_steps, eta_min, exponent)"),
+    "polynomial": Mapping(
+        _polynomial, dtypes=_FLOAT64, dialect={"form": "closed"},
+        api="optax.polynomial_schedule(base_lr, end_lr, power, total_steps, transition_begin)"),
+    "one_cycle": Mapping(
+        _one_cycle, dtypes=_FLOAT64, dialect={"boundary": "truncated"},
+        api="optax.cosine_onecycle_schedule(total_steps, max_lr, pct_start, div_factor, "
+            "final_div_factor) / optax.linear_onecycle_schedule(total_steps, max_lr, "
+            "pct_start, pct_final, div_factor, final_div_factor)"),
 }

@@ -1,4 +1,4 @@
-"""optax lion, adafactor and novograd (the jax adapter loads this file's ``OPS``).
+"""optax lion, adafactor and novograd (the jax adapter loads this file's ``MAPPINGS``).
 
 Built like ``_optax_optim``: the alias a user calls with a constant rate equal to this step's lr,
 its state's fields replaced by the request's slots, one ``update`` and ``apply_updates``, the
@@ -29,13 +29,14 @@ fields read back.  Every state slot of the oracle is an optax field here; ``step
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import optax
 
-from conformance.adapters import Request, Response, Unsupported
+from conformance.adapters import Response, Unsupported
 from conformance.adapters._optax_optim import OptaxStep
+from conformance.adapters.mapping import Mapping
+
+#: What a request becomes before a mapping sees it.
+STEP = OptaxStep
 
 
 def lion(c: OptaxStep) -> Response:
@@ -84,18 +85,14 @@ def novograd(c: OptaxStep) -> Response:
     return c.run(tx, "novograd", {"mu": "exp_avg", "nu": "exp_avg_sq"})
 
 
-_MAPPINGS: dict[str, Callable[[OptaxStep], Response]] = {
-    "lion": lion, "adafactor": adafactor, "novograd": novograd}
-
-OPS: dict[str, Callable[[Request], Response]] = {
-    name: (lambda request, fn=fn: fn(OptaxStep(request))) for name, fn in _MAPPINGS.items()
+MAPPINGS: dict[str, Mapping] = {
+    "lion": Mapping(lion, api="optax.lion", dtypes=OptaxStep.DTYPES,
+                    dialect={"weight_decay_mode": "decoupled_lr"}),
+    "adafactor": Mapping(adafactor, api="optax.adafactor (dtype_momentum = the run's dtype)",
+                         dtypes=OptaxStep.DTYPES,
+                         dialect={"relative_step": False, "factored_dims": "largest_two",
+                                  "beta2_cap": 1.0, "weight_decay_mode": "decoupled_nolr"}),
+    "novograd": Mapping(novograd, api="optax.novograd (eps or eps_root by eps_mode)",
+                        dtypes=OptaxStep.DTYPES,
+                        dialect={"weight_decay_mode": "moment", "first_moment_init": "first_step"}),
 }
-DIALECTS: dict[str, dict[str, Any]] = {
-    "lion": {"weight_decay_mode": "decoupled_lr"},
-    "adafactor": {"relative_step": False, "factored_dims": "largest_two", "beta2_cap": 1.0,
-                  "weight_decay_mode": "decoupled_nolr"},
-    "novograd": {"weight_decay_mode": "moment", "first_moment_init": "first_step"},
-}
-API = {"lion": "optax.lion", "adafactor": "optax.adafactor (dtype_momentum = the run's dtype)",
-       "novograd": "optax.novograd (eps or eps_root by eps_mode)"}
-DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}

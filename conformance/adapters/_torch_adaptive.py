@@ -1,4 +1,4 @@
-"""torch.optim Adagrad and RMSprop (the torch adapter loads this file's ``OPS``).
+"""torch.optim Adagrad and RMSprop (the torch adapter loads this file's ``MAPPINGS``).
 
 Built like ``_torch_optim``: parameter groups from ``weight_decay_mask`` (the undecayed group
 gets ``weight_decay=0``), ``foreach=False`` (the single-tensor loop), the request's state loaded
@@ -20,13 +20,14 @@ returned ``step`` is torch's own count (``state[p]["step"]``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
-from conformance.adapters import Request, Response
-from conformance.adapters._torch_optim import TorchStep
+from conformance.adapters import Response
+from conformance.adapters.mapping import Mapping
+from conformance.adapters.torch_step import TorchStep
+
+#: What a request becomes before a mapping sees it (with the torch adapter's device).
+STEP = TorchStep
 
 
 def adagrad(c: TorchStep) -> Response:
@@ -64,19 +65,12 @@ def rmsprop(c: TorchStep) -> Response:
     return c.finish(opt, slots, "rmsprop")
 
 
-_MAPPINGS: dict[str, Callable[[TorchStep], Response]] = {"adagrad": adagrad, "rmsprop": rmsprop}
-
-#: What the torch adapter reads from an extension file.
-OPS: dict[str, Callable[[Request, torch.device], Response]] = {
-    name: (lambda request, device, fn=fn: fn(TorchStep(request, device)))
-    for name, fn in _MAPPINGS.items()
+MAPPINGS: dict[str, Mapping] = {
+    "adagrad": Mapping(adagrad, api="torch.optim.Adagrad", dtypes=TorchStep.DTYPES,
+                       dialect={"eps_placement": "outside", "empty_accumulator": "divide",
+                                "weight_decay_mode": "l2"}),
+    "rmsprop": Mapping(rmsprop, api="torch.optim.RMSprop", dtypes=TorchStep.DTYPES,
+                       dialect={"eps_placement": "outside", "lr_placement": "outside",
+                                "nesterov": False, "initial_accumulator_value": 0.0,
+                                "bias_correction": False, "weight_decay_mode": "l2"}),
 }
-DIALECTS: dict[str, dict[str, Any]] = {
-    "adagrad": {"eps_placement": "outside", "empty_accumulator": "divide",
-                "weight_decay_mode": "l2"},
-    "rmsprop": {"eps_placement": "outside", "lr_placement": "outside", "nesterov": False,
-                "initial_accumulator_value": 0.0, "bias_correction": False,
-                "weight_decay_mode": "l2"},
-}
-API = {"adagrad": "torch.optim.Adagrad", "rmsprop": "torch.optim.RMSprop"}
-DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}

@@ -1,4 +1,4 @@
-"""torch: gradient clipping then plain SGD (the torch adapter loads this file's ``OPS``).
+"""torch: gradient clipping then plain SGD (the torch adapter loads this file's ``MAPPINGS``).
 
 The clipping specs (``global_norm_clip``, ``per_tensor_clip``) are "SGD on the clipped gradient"
 with the coupled L2 decay added *after* clipping.  In torch that is what a training loop writes:
@@ -16,18 +16,19 @@ undecayed group gets ``weight_decay=0``), ``foreach=False`` for both calls, one 
 
 AGC has no torch dialect (its torch dialects are timm's and pytorch_optimizer's; the latter is
 checked by the ``pytorch_optimizer`` adapter).  SGD keeps no state here and no step count:
-``step`` is declared not kept (``NOT_KEPT``), supplied by the harness and not compared.
+``step`` is declared not kept (``not_kept``), supplied by the harness and not compared.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
-from conformance.adapters import Request, Response
-from conformance.adapters._torch_optim import TorchStep
+from conformance.adapters import Response
+from conformance.adapters.mapping import Mapping
+from conformance.adapters.torch_step import TorchStep
+
+#: What a request becomes before a mapping sees it (with the torch adapter's device).
+STEP = TorchStep
 
 
 def _sgd(c: TorchStep) -> torch.optim.Optimizer:
@@ -57,20 +58,12 @@ def per_tensor_clip(c: TorchStep) -> Response:
     return c.finish(opt, {}, "per_tensor_clip")
 
 
-_MAPPINGS: dict[str, Callable[[TorchStep], Response]] = {
-    "global_norm_clip": global_norm_clip, "per_tensor_clip": per_tensor_clip}
-
-#: What the torch adapter reads from an extension file.
-OPS: dict[str, Callable[[Request, torch.device], Response]] = {
-    name: (lambda request, device, fn=fn: fn(TorchStep(request, device)))
-    for name, fn in _MAPPINGS.items()
+# The SGD step keeps no step count: ``step`` is not kept (supplied by the harness, not compared).
+MAPPINGS: dict[str, Mapping] = {
+    "global_norm_clip": Mapping(global_norm_clip, dtypes=TorchStep.DTYPES, not_kept=("step",),
+                                api="torch.nn.utils.clip_grad_norm_ then torch.optim.SGD",
+                                dialect={"eps_add": 1e-6}),
+    "per_tensor_clip": Mapping(per_tensor_clip, dtypes=TorchStep.DTYPES, not_kept=("step",),
+                               api="torch.nn.utils.clip_grad_norm_ per parameter then torch.optim.SGD",
+                               dialect={"measure": "norm", "eps_add": 1e-6}),
 }
-DIALECTS: dict[str, dict[str, Any]] = {
-    "global_norm_clip": {"eps_add": 1e-6},
-    "per_tensor_clip": {"measure": "norm", "eps_add": 1e-6},
-}
-API = {"global_norm_clip": "torch.nn.utils.clip_grad_norm_ then torch.optim.SGD",
-       "per_tensor_clip": "torch.nn.utils.clip_grad_norm_ per parameter then torch.optim.SGD"}
-DTYPES = {name: ("float64", "float32") for name in _MAPPINGS}
-#: The SGD step keeps no step count: supplied by the harness, not compared.
-NOT_KEPT = {name: ("step",) for name in _MAPPINGS}

@@ -1,6 +1,6 @@
 """torch.optim.lr_scheduler: one mapping per schedule op (family ``schedules``).
 
-``SCHEDULES[op](t, hparams) -> lr``: ``t`` is a NumPy array of step counts, ``hparams`` the full
+``MAPPINGS[op].fn(t, hparams) -> lr``: ``t`` is a NumPy array of step counts, ``hparams`` the full
 hyper-parameter dict of the request; the result is a float64 NumPy array of t's shape.  Each
 mapping runs the real torch scheduler a user would write: a dummy ``torch.optim.SGD`` over one
 zero float64 tensor with ``lr`` = the schedule's base lr, the scheduler, then ``max(t)`` rounds of
@@ -13,8 +13,8 @@ instead, which makes torch use its ``_get_closed_form_lr``; ``"recursive"`` is t
 ``step()`` every user calls (the torch dialect).  Hyper-parameter values torch cannot express
 raise :class:`Unsupported` (the case is SKIP); every hyper-parameter of a request must be read.
 
-``DIALECTS[op]``: the convention knobs torch follows (the specs' ``[dialects.torch]``);
-``API[op]``: the torch call.
+``MAPPINGS[op].dialect``: the convention knobs torch follows (the specs' ``[dialects.torch]``);
+``MAPPINGS[op].api``: the torch call; ``dtypes`` float64 only (Python floats, see above).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import torch
 from torch.optim import lr_scheduler
 
 from conformance.adapters import HyperParameters, Unsupported
+from conformance.adapters.mapping import Mapping
 
-__all__ = ["API", "DIALECTS", "SCHEDULES"]
+__all__ = ["MAPPINGS"]
 
 
 def _hparams(op: str, hparams: dict[str, Any]) -> HyperParameters:
@@ -140,30 +141,25 @@ def _one_cycle(t: np.ndarray, hparams: dict[str, Any]) -> np.ndarray:
         cycle_momentum=False, div_factor=div, final_div_factor=final_div, three_phase=three))
 
 
-SCHEDULES: dict[str, Callable[[np.ndarray, dict[str, Any]], np.ndarray]] = {
-    "linear_warmup": _linear_warmup,
-    "step_decay": _step_decay,
-    "cosine": _cosine,
-    "polynomial": _polynomial,
-    "one_cycle": _one_cycle,
-}
+_FLOAT64 = ("float64",)
 
-DIALECTS: dict[str, dict[str, Any]] = {
-    "linear_warmup": {"form": "recursive"},
-    "step_decay": {"form": "recursive"},
-    "cosine": {"form": "recursive", "past_end": "periodic"},
-    "polynomial": {"form": "recursive"},
-    "one_cycle": {"boundary": "shifted"},
-}
-
-API: dict[str, str] = {
-    "linear_warmup": "torch.optim.lr_scheduler.LinearLR(opt, start_factor=init_lr/peak_lr, "
-                     "end_factor=1.0, total_iters=warmup_steps)",
-    "step_decay": "torch.optim.lr_scheduler.StepLR(opt, step_size, gamma) / "
-                  "MultiStepLR(opt, milestones, gamma)",
-    "cosine": "torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min)",
-    "polynomial": "torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total_steps, power)",
-    "one_cycle": "torch.optim.lr_scheduler.OneCycleLR(opt, max_lr, total_steps, pct_start, "
-                 "anneal_strategy, cycle_momentum=False, div_factor, final_div_factor, "
-                 "three_phase)",
+MAPPINGS: dict[str, Mapping] = {
+    "linear_warmup": Mapping(
+        _linear_warmup, dtypes=_FLOAT64, dialect={"form": "recursive"},
+        api="torch.optim.lr_scheduler.LinearLR(opt, start_factor=init_lr/peak_lr, end_factor=1.0, "
+            "total_iters=warmup_steps)"),
+    "step_decay": Mapping(
+        _step_decay, dtypes=_FLOAT64, dialect={"form": "recursive"},
+        api="torch.optim.lr_scheduler.StepLR(opt, step_size, gamma) / "
+            "MultiStepLR(opt, milestones, gamma)"),
+    "cosine": Mapping(
+        _cosine, dtypes=_FLOAT64, dialect={"form": "recursive", "past_end": "periodic"},
+        api="torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min)"),
+    "polynomial": Mapping(
+        _polynomial, dtypes=_FLOAT64, dialect={"form": "recursive"},
+        api="torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=total_steps, power)"),
+    "one_cycle": Mapping(
+        _one_cycle, dtypes=_FLOAT64, dialect={"boundary": "shifted"},
+        api="torch.optim.lr_scheduler.OneCycleLR(opt, max_lr, total_steps, pct_start, "
+            "anneal_strategy, cycle_momentum=False, div_factor, final_div_factor, three_phase)"),
 }

@@ -22,11 +22,12 @@ weight_standardization        jax.numpy: deepmind-research ``nfnets/base.py``
 Gradients are ``jax.vjp`` of exactly that computation with respect to every differentiable input
 the request gives (Flax's ``scale``/``bias`` params are the spec's ``weight``/``bias``).
 
-Dialects.  Each op declares the convention knobs of the spec's ``flax`` dialect table (for
-weight standardization the ``nfnets`` table); layouts (``axis``, ``axes``, ``dim``), modes
-(``training``, ``track_running_stats``) and values (``eps``, ``momentum``, ``num_groups``, ...)
-come from the case and are passed to the layer.  What Flax cannot express raises
-:class:`~conformance.adapters.Unsupported` (the case is SKIP) with the reason.
+Dialects.  Each op declares (``MAPPINGS[op].dialect``) the convention knobs of the spec's
+``flax`` dialect table (for weight standardization the ``nfnets`` table); layouts (``axis``,
+``axes``, ``dim``), modes (``training``, ``track_running_stats``) and values (``eps``,
+``momentum``, ``num_groups``, ...) come from the case and are passed to the layer.  What Flax
+cannot express raises :class:`~conformance.adapters.Unsupported` (the case is SKIP) with the
+reason.
 
 Process-global float64.  JAX computes float64 only with ``jax_enable_x64``, a *process-global*
 switch that must be set before arrays are made: :func:`make_adapter` (creating the adapter) sets
@@ -65,7 +66,8 @@ Known Flax/JAX numerics this adapter reports (not adapter faults):
 Optimizers, clipping and schedules (optax): the mapping files ``_optax_*.py`` next to this module
 (sgd/adam/adamw/amsgrad, adagrad/rmsprop, lars/lamb, lion/adafactor/novograd, lookahead,
 clip_by_global_norm/clip_by_block_rms/adaptive_grad_clip, the schedules), each with its own
-docstring, are merged into ``ops()`` and dispatched by ``evaluate`` (under the adapter's lock).
+docstring and ``MAPPINGS``, are merged into ``ops()`` and dispatched by ``evaluate`` (under the
+adapter's lock).
 """
 
 from __future__ import annotations
@@ -74,47 +76,17 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from conformance.adapters import HyperParameters, OpSupport, Request, Response, Unsupported
+from conformance.adapters.mapping import Mapping
 
-__all__ = ["DIALECTS", "JaxAdapter", "make_adapter"]
+__all__ = ["MAPPINGS", "JaxAdapter", "make_adapter"]
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
-#: State Flax does not keep (supplied by the harness, not compared): BatchNorm has no batch counter.
-NOT_KEPT: dict[str, tuple[str, ...]] = {"batch_norm": ("num_batches_tracked",)}
-#: Flax keeps BatchNorm's batch_stats and SpectralNorm's u (and so the v derived from it) as float32
-#: variables for half-precision data (module docstring, "State and precision").
-STATE_DTYPE: dict[str, str] = {"batch_norm": "float32", "spectral_norm": "float32"}
-
-#: Convention knobs per op, from the specs' ``flax`` dialect tables (``nfnets`` for weight
-#: standardization).  Layout/mode switches and numeric values are deliberately absent.
-DIALECTS: dict[str, dict[str, Any]] = {
-    "batch_norm": {"momentum_convention": "old_weight", "running_var_correction": 0,
-                   "single_value": "allow"},
-    "layer_norm": {},
-    "group_norm": {"affine": "per_channel"},
-    "instance_norm": {"single_value": "allow"},
-    "rms_norm": {"eps_placement": "inside"},
-    "weight_norm": {"eps_mode": "add"},
-    "spectral_norm": {"normalize": "rsqrt", "iteration_order": "v_then_u",
-                      "eval_mode": "iterate_no_store", "gradient": "through_sigma"},
-    "weight_standardization": {"correction": 0, "eps_mode": "max_fanin_var"},
-}
-
-APIS = {
-    "batch_norm": "flax.linen.BatchNorm",
-    "layer_norm": "flax.linen.LayerNorm",
-    "group_norm": "flax.linen.GroupNorm",
-    "instance_norm": "flax.linen.InstanceNorm",
-    "rms_norm": "flax.linen.RMSNorm",
-    "weight_norm": "flax.linen.WeightNorm",
-    "spectral_norm": "flax.linen.SpectralNorm",
-    "weight_standardization": "jax.numpy (deepmind-research nfnets WSConv2D.standardize_weight)",
-}
-
 # compute(primals, state) -> (outputs, aux); an op builder returns (compute, state, finish).
 _Compute = Callable[[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]
 _Built = tuple[_Compute, dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]
@@ -169,38 +141,30 @@ class JaxAdapter:
         }
 
     def ops(self) -> dict[str, OpSupport]:
-        found = {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=APIS[op],
-                               not_kept=NOT_KEPT.get(op, ()), state_dtype=STATE_DTYPE.get(op))
-                 for op in DIALECTS}
-        for ext in self._extensions():
-            found.update({op: OpSupport(dialect=dict(ext.DIALECTS.get(op, {})),
-                                        dtypes=tuple(ext.DTYPES.get(op, DTYPES)), api=ext.API.get(op, ""),
-                                        not_kept=tuple(getattr(ext, "NOT_KEPT", {}).get(op, ())))
-                          for op in ext.OPS})
-        return found
+        return {op: mapping.support() for op, mapping in {**MAPPINGS, **self._extensions()}.items()}
 
-    def _extensions(self) -> tuple[Any, ...]:
-        """The mapping files of the other families: ``_optax_*.py`` next to this module, each with
-        ``OPS`` (op -> fn(request) -> Response), ``DIALECTS``, ``API`` and ``DTYPES``."""
-        from conformance.adapters._optim_common import load_extensions
+    def _extensions(self) -> MappingProxyType[str, Mapping]:
+        """The ops of the other families' mapping files (``_optax_*.py`` next to this module), each
+        record's ``fn(request) -> Response``."""
+        from conformance.adapters.mapping import load_extensions
 
         return load_extensions("_optax_")
 
     def evaluate(self, op: str, request: Request) -> Response:
-        for ext in self._extensions():
-            if op in ext.OPS:
-                if request.dtype not in ext.DTYPES.get(op, DTYPES):
-                    raise Unsupported(f"dtype {request.dtype}")
-                with self._lock:
-                    return ext.OPS[op](request)
-        if op not in DIALECTS:
+        extension = self._extensions().get(op)
+        if extension is not None:
+            if request.dtype not in extension.dtypes:
+                raise Unsupported(f"dtype {request.dtype}")
+            with self._lock:
+                return extension.fn(request)
+        if op not in MAPPINGS:
             raise Unsupported(f"the jax adapter does not implement {op}")
         hp = HyperParameters(request.hparams, op=op, framework="Flax")
-        for knob, value in DIALECTS[op].items():   # conventions Flax has no switch for
+        for knob, value in MAPPINGS[op].dialect.items():   # conventions Flax has no switch for
             hp.expect(knob, value)
         jnp = self._jax.numpy
         primals = {k: jnp.asarray(v) for k, v in request.inputs.items()}
-        compute, state, finish = getattr(self, f"_{op}")(request, primals, hp)
+        compute, state, finish = MAPPINGS[op].fn(self, request, primals, hp)
         hp.check_all_read()   # implemented or refused, never ignored
         cts = None
         if request.cotangents is not None:
@@ -294,7 +258,7 @@ class JaxAdapter:
             return {"y": jnp.moveaxis(y, -1, axis)}, dict(updates["batch_stats"])
 
         def finish(new: dict[str, Any]) -> dict[str, Any]:
-            # Flax keeps no batch counter: num_batches_tracked is NOT_KEPT.
+            # Flax keeps no batch counter: num_batches_tracked is not kept (not_kept).
             return {"running_mean": new["mean"], "running_var": new["var"]} if track else {}
 
         return compute, stats, finish
@@ -519,6 +483,39 @@ class JaxAdapter:
             return {"w_hat": jnp.moveaxis(w_hat, -1, axis)}, {}
 
         return compute, {}, _no_state
+
+
+#: The Flax normalizers: each op's builder (a :class:`JaxAdapter` method), the convention knobs of
+#: the specs' ``flax`` dialect tables (``nfnets`` for weight standardization; layout/mode switches
+#: and numeric values deliberately absent), the Flax call, the state Flax does not keep (supplied
+#: by the harness, not compared: BatchNorm has no batch counter) and the dtype of the state it
+#: keeps for half-precision data (BatchNorm's batch_stats and SpectralNorm's u, and so the v
+#: derived from it, are float32 variables: module docstring, "State and precision").
+MAPPINGS: dict[str, Mapping] = {
+    "batch_norm": Mapping(
+        JaxAdapter._batch_norm, api="flax.linen.BatchNorm", dtypes=DTYPES,
+        dialect={"momentum_convention": "old_weight", "running_var_correction": 0,
+                 "single_value": "allow"},
+        not_kept=("num_batches_tracked",), state_dtype="float32"),
+    "layer_norm": Mapping(JaxAdapter._layer_norm, api="flax.linen.LayerNorm", dtypes=DTYPES),
+    "group_norm": Mapping(JaxAdapter._group_norm, api="flax.linen.GroupNorm", dtypes=DTYPES,
+                          dialect={"affine": "per_channel"}),
+    "instance_norm": Mapping(JaxAdapter._instance_norm, api="flax.linen.InstanceNorm",
+                             dtypes=DTYPES, dialect={"single_value": "allow"}),
+    "rms_norm": Mapping(JaxAdapter._rms_norm, api="flax.linen.RMSNorm", dtypes=DTYPES,
+                        dialect={"eps_placement": "inside"}),
+    "weight_norm": Mapping(JaxAdapter._weight_norm, api="flax.linen.WeightNorm", dtypes=DTYPES,
+                           dialect={"eps_mode": "add"}),
+    "spectral_norm": Mapping(
+        JaxAdapter._spectral_norm, api="flax.linen.SpectralNorm", dtypes=DTYPES,
+        dialect={"normalize": "rsqrt", "iteration_order": "v_then_u",
+                 "eval_mode": "iterate_no_store", "gradient": "through_sigma"},
+        state_dtype="float32"),
+    "weight_standardization": Mapping(
+        JaxAdapter._weight_standardization, dtypes=DTYPES,
+        api="jax.numpy (deepmind-research nfnets WSConv2D.standardize_weight)",
+        dialect={"correction": 0, "eps_mode": "max_fanin_var"}),
+}
 
 
 def _upcast(compute: _Compute) -> _Compute:

@@ -1,7 +1,7 @@
 """The pytorch_optimizer adapter: kozistr's ``pytorch_optimizer`` package, checked against the oracle.
 
 Every op maps to the class (or function) a user of the package writes, built like the torch
-adapter's optimizer mappings (:class:`conformance.adapters._torch_optim.TorchStep`): the
+adapter's optimizer mappings (:class:`conformance.adapters.torch_step.TorchStep`): the
 parameters become ``nn.Parameter`` tensors with ``.grad`` set, a fresh optimizer is built over
 parameter groups (masks become groups), the request's state is loaded into ``optimizer.state``
 under the package's own keys (and the group step counter ``group["step"]`` set), ``step()`` is
@@ -37,11 +37,12 @@ lookahead  ``Lookahead(inner, k, alpha, pullback_momentum)`` with  slow <- slow_
            ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` inside        <- the inner optimizer's keys
 =========  ======================================================  ==============================
 
-Conventions.  ``ops()`` declares, per op, the values of the spec's convention knobs that the
-package follows (the specs' ``pytorch_optimizer`` dialect tables): the knobs with an ``allowed``
-list, the boolean / string switches the package has no argument for, and the constants it
-hard-codes (LARS has no eps: ``eps = 0``; Lamb clamps ``||w||`` at 10 and uses its eps in the
-trust ratio; Adafactor factors every tensor with ndim >= 2: ``min_dim_size_to_factor = 0``).
+Conventions.  ``ops()`` declares, per op (``MAPPINGS[op].dialect``), the values of the spec's
+convention knobs that the package follows (the specs' ``pytorch_optimizer`` dialect tables): the
+knobs with an ``allowed`` list, the boolean / string switches the package has no argument for,
+and the constants it hard-codes (LARS has no eps: ``eps = 0``; Lamb clamps ``||w||`` at 10 and
+uses its eps in the trust ratio; Adafactor factors every tensor with ndim >= 2:
+``min_dim_size_to_factor = 0``).
 Masks and numeric hyper-parameters the package takes as arguments come from the case; what the
 package cannot express raises :class:`Unsupported` (the case is SKIP) with the reason:
 
@@ -57,7 +58,7 @@ package cannot express raises :class:`Unsupported` (the case is SKIP) with the r
   (``momentum_dtype``; the package's default is bfloat16, which the oracle does not model).
 * Ranger21 always uses PNM, AMSGrad, Lookahead, stable decay and the AGC; beta0 must be < 1.
 
-State the package does not keep, declared (``NOT_KEPT``: supplied by the harness in every
+State the package does not keep, declared (``not_kept``: supplied by the harness in every
 request, not compared) rather than synthesized:
 
 * ``step``: read back from the package's group counter (``group["step"]``) after the step;
@@ -73,7 +74,6 @@ on the GPU.  Dtypes: float64 and float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -81,49 +81,14 @@ import pytorch_optimizer as po
 import torch
 
 from conformance.adapters import OpSupport, Request, Response, Unsupported
-from conformance.adapters._torch_optim import TorchStep
+from conformance.adapters.mapping import Mapping
 from conformance.adapters.torch import device_of
+from conformance.adapters.torch_step import TorchStep
 
-__all__ = ["API", "DIALECTS", "PytorchOptimizerAdapter", "make_adapter"]
+__all__ = ["MAPPINGS", "PytorchOptimizerAdapter", "make_adapter"]
 
-DTYPES = ("float64", "float32")
-#: State the package does not keep (module docstring).
-NOT_KEPT: dict[str, tuple[str, ...]] = {"agc": ("step",), "lookahead": ("step", "inner_step")}
-
-#: The conventions pytorch_optimizer follows, per op (module docstring).
-DIALECTS: dict[str, dict[str, Any]] = {
-    "lars": {"trust_denominator": "sum_of_norms", "zero_norm_rule": "denominator",
-             "lr_placement": "outside", "first_step": "zeros", "trust_clip": False,
-             "always_adapt": True, "eps": 0.0},
-    "lamb": {"bias_correction": "m_step", "weight_decay_mode": "decoupled_lr",
-             "trust_scope": "all", "trust_clip": False, "trust_eps": 1e-6, "phi_min": 0.0,
-             "phi_max": 10.0},
-    "lion": {"weight_decay_mode": "decoupled_lr"},
-    "novograd": {"eps_mode": "outside", "first_moment_init": "first_step",
-                 "weight_decay_mode": "moment"},
-    "adafactor": {"factored_dims": "last_two", "min_dim_size_to_factor": 0,
-                  "weight_decay_mode": "decoupled_lr"},
-    "ranger21": {"bug_compatible": False, "preprocess_twice": True, "variance_sum_init": 1.0,
-                 "unit_layout": "out_first_3d_dim1", "softplus_form": "torch",
-                 "agc_compare_guarded": True},
-    "agc": {"layout": "out_first_3d_dim1", "compare_guarded": True},
-    "adamp": {"adam_eps_mode": "eps_hat"},
-    "sgdp": {"buffer_projection": "raw"},
-    "lookahead": {"slow_init": "params"},
-}
-
-API = {
-    "lars": "pytorch_optimizer.LARS",
-    "lamb": "pytorch_optimizer.Lamb",
-    "lion": "pytorch_optimizer.Lion",
-    "novograd": "pytorch_optimizer.NovoGrad",
-    "adafactor": "pytorch_optimizer.AdaFactor",
-    "ranger21": "pytorch_optimizer.Ranger21",
-    "agc": "pytorch_optimizer.agc (per parameter) then torch.optim.SGD",
-    "adamp": "pytorch_optimizer.AdamP",
-    "sgdp": "pytorch_optimizer.SGDP",
-    "lookahead": "pytorch_optimizer.Lookahead(torch.optim.SGD / Adam / AdamW)",
-}
+#: The dtypes the package's optimizers are run in (what :class:`TorchStep` runs).
+DTYPES = TorchStep.DTYPES
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,7 +422,7 @@ def lookahead(c: _Step) -> Response:
         group["counter"] = t % k
     opt.step()
     outputs = {f"params/{p}": _numpy(v) for p, v in c.tensors.items()}
-    state: dict[str, np.ndarray] = {}  # step and inner_step: NOT_KEPT
+    state: dict[str, np.ndarray] = {}  # step and inner_step: not kept
     for path, p in c.tensors.items():
         state[f"slow/{path}"] = _numpy(opt.state[p]["slow_params"])
         for slot, key in slots.items():
@@ -471,9 +436,44 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").numpy().copy()
 
 
-_OPS: dict[str, Callable[[_Step], Response]] = {
-    "lars": lars, "lamb": lamb, "lion": lion, "novograd": novograd, "adafactor": adafactor,
-    "ranger21": ranger21, "agc": agc, "adamp": adamp, "sgdp": sgdp, "lookahead": lookahead,
+#: Each op's mapping with the conventions the package follows, its call and the state it does not
+#: keep (module docstring).
+MAPPINGS: dict[str, Mapping] = {
+    "lars": Mapping(
+        lars, api="pytorch_optimizer.LARS", dtypes=DTYPES,
+        dialect={"trust_denominator": "sum_of_norms", "zero_norm_rule": "denominator",
+                 "lr_placement": "outside", "first_step": "zeros", "trust_clip": False,
+                 "always_adapt": True, "eps": 0.0}),
+    "lamb": Mapping(
+        lamb, api="pytorch_optimizer.Lamb", dtypes=DTYPES,
+        dialect={"bias_correction": "m_step", "weight_decay_mode": "decoupled_lr",
+                 "trust_scope": "all", "trust_clip": False, "trust_eps": 1e-6, "phi_min": 0.0,
+                 "phi_max": 10.0}),
+    "lion": Mapping(lion, api="pytorch_optimizer.Lion", dtypes=DTYPES,
+                    dialect={"weight_decay_mode": "decoupled_lr"}),
+    "novograd": Mapping(
+        novograd, api="pytorch_optimizer.NovoGrad", dtypes=DTYPES,
+        dialect={"eps_mode": "outside", "first_moment_init": "first_step",
+                 "weight_decay_mode": "moment"}),
+    "adafactor": Mapping(
+        adafactor, api="pytorch_optimizer.AdaFactor", dtypes=DTYPES,
+        dialect={"factored_dims": "last_two", "min_dim_size_to_factor": 0,
+                 "weight_decay_mode": "decoupled_lr"}),
+    "ranger21": Mapping(
+        ranger21, api="pytorch_optimizer.Ranger21", dtypes=DTYPES,
+        dialect={"bug_compatible": False, "preprocess_twice": True, "variance_sum_init": 1.0,
+                 "unit_layout": "out_first_3d_dim1", "softplus_form": "torch",
+                 "agc_compare_guarded": True}),
+    "agc": Mapping(agc, api="pytorch_optimizer.agc (per parameter) then torch.optim.SGD",
+                   dtypes=DTYPES, dialect={"layout": "out_first_3d_dim1", "compare_guarded": True},
+                   not_kept=("step",)),
+    "adamp": Mapping(adamp, api="pytorch_optimizer.AdamP", dtypes=DTYPES,
+                     dialect={"adam_eps_mode": "eps_hat"}),
+    "sgdp": Mapping(sgdp, api="pytorch_optimizer.SGDP", dtypes=DTYPES,
+                    dialect={"buffer_projection": "raw"}),
+    "lookahead": Mapping(
+        lookahead, api="pytorch_optimizer.Lookahead(torch.optim.SGD / Adam / AdamW)",
+        dtypes=DTYPES, dialect={"slow_init": "params"}, not_kept=("step", "inner_step")),
 }
 
 
@@ -518,16 +518,14 @@ class PytorchOptimizerAdapter:
         return info
 
     def ops(self) -> dict[str, OpSupport]:
-        return {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=API[op],
-                              not_kept=NOT_KEPT.get(op, ()))
-                for op in _OPS if _available(op)}
+        return {op: mapping.support() for op, mapping in MAPPINGS.items() if _available(op)}
 
     def evaluate(self, op: str, request: Request) -> Response:
-        if op not in _OPS:
+        if op not in MAPPINGS:
             raise Unsupported(f"the pytorch_optimizer adapter does not implement {op}")
-        if request.dtype not in DTYPES:
+        if request.dtype not in MAPPINGS[op].dtypes:
             raise Unsupported(f"dtype {request.dtype}")
-        return _OPS[op](_Step(request, self.device, self.foreach))
+        return MAPPINGS[op].fn(_Step(request, self.device, self.foreach))
 
 
 def make_adapter(device: str | None = None, foreach: bool = False) -> PytorchOptimizerAdapter:

@@ -18,12 +18,12 @@ weight_standardization   timm ``StdConv2d``: ``F.batch_norm(w.reshape(1, out, -1
                          training=True, momentum=0., eps)``
 =======================  ====================================================================
 
-Conventions.  ``ops()`` declares, per op, the values of the spec's convention knobs that torch
-follows (from each spec's ``torch`` dialect table; the ``timm`` one for weight standardization,
-for which torch has no core op).  Layout and mode hyper-parameters (``axis``, ``axes``, ``dim``,
-``training``, ``track_running_stats``) and numeric values (``eps``, ``momentum``,
-``num_groups``, ``n_power_iterations``, ``weight_offset``) come from the case and are
-implemented here (a channel axis is moved with ``movedim``, normalized axes are permuted to the
+Conventions.  ``ops()`` declares, per op (``MAPPINGS[op].dialect``), the values of the spec's
+convention knobs that torch follows (from each spec's ``torch`` dialect table; the ``timm`` one
+for weight standardization, for which torch has no core op).  Layout and mode hyper-parameters
+(``axis``, ``axes``, ``dim``, ``training``, ``track_running_stats``) and numeric values (``eps``,
+``momentum``, ``num_groups``, ``n_power_iterations``, ``weight_offset``) come from the case and
+are implemented here (a channel axis is moved with ``movedim``, normalized axes are permuted to the
 end); what torch cannot express raises :class:`Unsupported` (the case is SKIP) with the reason.
 Every hyper-parameter of a request must be read by the op's mapping: one that is not (a knob
 added to a spec later) is refused rather than ignored.
@@ -35,7 +35,7 @@ Gradients are torch's autograd VJP of the outputs with the given cotangents
 Deviations from the oracle's bookkeeping, documented rather than hidden:
 
 * ``instance_norm`` ``num_batches_tracked``: torch's InstanceNorm never increments its buffer
-  (and ``F.instance_norm`` has none), so it is declared not kept (``NOT_KEPT``): the harness
+  (and ``F.instance_norm`` has none), so it is declared not kept (``not_kept``): the harness
   supplies the count and does not compare it.  Because torch cannot give the cumulative average
   that needs the count, ``momentum=None`` with tracked training is Unsupported
   (``nn.InstanceNorm*d(momentum=None)`` passes momentum 0.0: frozen statistics).
@@ -47,7 +47,7 @@ Deviations from the oracle's bookkeeping, documented rather than hidden:
 Optimizers, clipping and schedules: the mapping files ``_torch_*.py`` next to this module
 (``_torch_optim.py``: SGD, Adam, AdamW; ``_torch_adaptive.py``: Adagrad, RMSprop;
 ``_torch_clipping.py``: ``clip_grad_norm_``; ``_torch_schedules.py``: the ``lr_scheduler``s), each
-with its own docstring, are merged into ``ops()`` and dispatched by ``evaluate``.
+with its own docstring and ``MAPPINGS``, are merged into ``ops()`` and dispatched by ``evaluate``.
 
 Device: CPU by default; ``NORMREF_TORCH_DEVICE=cuda`` (or ``make_adapter(device="cuda")``) runs
 on the GPU when ``torch.cuda.is_available()``.  Dtypes: float64, float32, float16 and bfloat16
@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -67,8 +68,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conformance.adapters import HyperParameters, OpSupport, Request, Response, Unsupported
+from conformance.adapters.mapping import Mapping
 
-__all__ = ["DIALECTS", "TorchAdapter", "make_adapter"]
+__all__ = ["MAPPINGS", "TorchAdapter", "make_adapter"]
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 _TORCH_DTYPES = {
@@ -76,37 +78,6 @@ _TORCH_DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
-}
-
-#: The convention knobs torch follows, per op (the specs' ``torch`` dialect tables without their
-#: layout and numeric entries; weight standardization: timm's StdConv2d).
-DIALECTS: dict[str, dict[str, Any]] = {
-    "batch_norm": {"momentum_convention": "new_weight", "running_var_correction": 1,
-                   "single_value": "raise"},
-    "layer_norm": {},
-    "group_norm": {"affine": "per_channel"},
-    "instance_norm": {"momentum_convention": "new_weight", "running_var_correction": 1,
-                      "single_value": "raise"},
-    "rms_norm": {"eps_placement": "inside"},
-    # torch has no eps in weight norm at all: eps = 0 is a convention, not a chosen value.
-    "weight_norm": {"eps": 0.0, "eps_mode": "add"},
-    "spectral_norm": {"normalize": "max", "iteration_order": "u_then_v", "eval_mode": "frozen",
-                      "gradient": "through_sigma"},
-    "weight_standardization": {"correction": 0, "eps_mode": "add_var"},
-}
-
-#: State torch does not keep (supplied by the harness, not compared).
-NOT_KEPT: dict[str, tuple[str, ...]] = {"instance_norm": ("num_batches_tracked",)}
-
-API = {
-    "batch_norm": "torch.nn.BatchNorm{1,2,3}d (F.batch_norm)",
-    "layer_norm": "torch.nn.functional.layer_norm",
-    "group_norm": "torch.nn.functional.group_norm",
-    "instance_norm": "torch.nn.functional.instance_norm",
-    "rms_norm": "torch.nn.functional.rms_norm",
-    "weight_norm": "torch._weight_norm (parametrizations.weight_norm)",
-    "spectral_norm": "torch.nn.utils.parametrizations.spectral_norm",
-    "weight_standardization": "timm StdConv2d: F.batch_norm(w.reshape(1, out, -1), training=True)",
 }
 
 #: torch's message when a training-mode statistic would have one value (F._verify_batch_size,
@@ -248,7 +219,7 @@ def _batch_norm_module(ndim: int) -> type[nn.Module]:
 
 def batch_norm(c: _Call) -> Response:
     """``nn.BatchNorm*d``: the module's forward counts batches and handles momentum=None."""
-    for knob, value in DIALECTS["batch_norm"].items():
+    for knob, value in MAPPINGS["batch_norm"].dialect.items():
         c.expect(knob, value)
     training, track = c.take("training"), c.take("track_running_stats")
     axis, eps, momentum = c.take("axis"), c.take("eps"), c.take("momentum")
@@ -302,7 +273,7 @@ def group_norm(c: _Call) -> Response:
 
 def instance_norm(c: _Call) -> Response:
     """``F.instance_norm`` exactly as ``nn.InstanceNorm*d.forward`` calls it."""
-    for knob, value in DIALECTS["instance_norm"].items():
+    for knob, value in MAPPINGS["instance_norm"].dialect.items():
         c.expect(knob, value)
     training, track = c.take("training"), c.take("track_running_stats")
     axis, eps, momentum = c.take("axis"), c.take("eps"), c.take("momentum")
@@ -325,7 +296,7 @@ def instance_norm(c: _Call) -> Response:
         momentum if momentum is not None else 0.0, eps))
     state = {}
     if track:
-        # torch updates the running stats in place and keeps no batch count (NOT_KEPT).
+        # torch updates the running stats in place and keeps no batch count (not_kept).
         state = {"running_mean": running_mean, "running_var": running_var}
     c.check_all_read("instance_norm")
     return c.finish({"y": torch.movedim(y, 1, axis)}, state)
@@ -372,7 +343,7 @@ def weight_norm(c: _Call) -> Response:
 
 def spectral_norm(c: _Call) -> Response:
     """``parametrizations.spectral_norm`` on a holder module with _u, _v from the state."""
-    for knob, value in DIALECTS["spectral_norm"].items():
+    for knob, value in MAPPINGS["spectral_norm"].dialect.items():
         c.expect(knob, value)
     training, dim = c.take("training"), c.take("dim")
     n_power_iterations, eps = c.take("n_power_iterations"), c.take("eps")
@@ -420,15 +391,36 @@ def weight_standardization(c: _Call) -> Response:
     return c.finish({"w_hat": torch.movedim(w_hat, 0, axis)})
 
 
-_OPS: dict[str, Callable[[_Call], Response]] = {
-    "batch_norm": batch_norm,
-    "layer_norm": layer_norm,
-    "group_norm": group_norm,
-    "instance_norm": instance_norm,
-    "rms_norm": rms_norm,
-    "weight_norm": weight_norm,
-    "spectral_norm": spectral_norm,
-    "weight_standardization": weight_standardization,
+#: The eight normalizers: each mapping with the convention knobs torch follows (the specs' ``torch``
+#: dialect tables without their layout and numeric entries; weight standardization: timm's
+#: StdConv2d), the torch call, and the state torch does not keep (supplied by the harness, not
+#: compared).
+MAPPINGS: dict[str, Mapping] = {
+    "batch_norm": Mapping(
+        batch_norm, api="torch.nn.BatchNorm{1,2,3}d (F.batch_norm)", dtypes=DTYPES,
+        dialect={"momentum_convention": "new_weight", "running_var_correction": 1,
+                 "single_value": "raise"}),
+    "layer_norm": Mapping(layer_norm, api="torch.nn.functional.layer_norm", dtypes=DTYPES),
+    "group_norm": Mapping(group_norm, api="torch.nn.functional.group_norm", dtypes=DTYPES,
+                          dialect={"affine": "per_channel"}),
+    "instance_norm": Mapping(
+        instance_norm, api="torch.nn.functional.instance_norm", dtypes=DTYPES,
+        dialect={"momentum_convention": "new_weight", "running_var_correction": 1,
+                 "single_value": "raise"},
+        not_kept=("num_batches_tracked",)),
+    "rms_norm": Mapping(rms_norm, api="torch.nn.functional.rms_norm", dtypes=DTYPES,
+                        dialect={"eps_placement": "inside"}),
+    # torch has no eps in weight norm at all: eps = 0 is a convention, not a chosen value.
+    "weight_norm": Mapping(weight_norm, api="torch._weight_norm (parametrizations.weight_norm)",
+                           dtypes=DTYPES, dialect={"eps": 0.0, "eps_mode": "add"}),
+    "spectral_norm": Mapping(
+        spectral_norm, api="torch.nn.utils.parametrizations.spectral_norm", dtypes=DTYPES,
+        dialect={"normalize": "max", "iteration_order": "u_then_v", "eval_mode": "frozen",
+                 "gradient": "through_sigma"}),
+    "weight_standardization": Mapping(
+        weight_standardization, dtypes=DTYPES,
+        api="timm StdConv2d: F.batch_norm(w.reshape(1, out, -1), training=True)",
+        dialect={"correction": 0, "eps_mode": "add_var"}),
 }
 
 
@@ -452,10 +444,10 @@ def device_of(device: str | None) -> torch.device:
     return resolved
 
 
-def _extensions() -> tuple[Any, ...]:
-    """The mapping files of the other families: ``_torch_*.py`` next to this module, each with
-    ``OPS`` (op -> fn(request, device) -> Response), ``DIALECTS``, ``API`` and ``DTYPES``."""
-    from conformance.adapters._optim_common import load_extensions
+def _extensions() -> MappingProxyType[str, Mapping]:
+    """The ops of the other families' mapping files (``_torch_*.py`` next to this module), each
+    record's ``fn(request, device) -> Response``."""
+    from conformance.adapters.mapping import load_extensions
 
     return load_extensions("_torch_")
 
@@ -474,26 +466,19 @@ class TorchAdapter:
         return info
 
     def ops(self) -> dict[str, OpSupport]:
-        found = {op: OpSupport(dialect=dict(DIALECTS[op]), dtypes=DTYPES, api=API[op],
-                               not_kept=NOT_KEPT.get(op, ())) for op in _OPS}
-        for ext in _extensions():
-            found.update({op: OpSupport(dialect=dict(ext.DIALECTS.get(op, {})),
-                                        dtypes=tuple(ext.DTYPES.get(op, DTYPES)), api=ext.API.get(op, ""),
-                                        not_kept=tuple(getattr(ext, "NOT_KEPT", {}).get(op, ())))
-                          for op in ext.OPS})
-        return found
+        return {op: mapping.support() for op, mapping in {**MAPPINGS, **_extensions()}.items()}
 
     def evaluate(self, op: str, request: Request) -> Response:
-        for ext in _extensions():
-            if op in ext.OPS:
-                if request.dtype not in ext.DTYPES.get(op, DTYPES):
-                    raise Unsupported(f"dtype {request.dtype}")
-                return ext.OPS[op](request, self.device)
-        if op not in _OPS:
+        extension = _extensions().get(op)
+        if extension is not None:
+            if request.dtype not in extension.dtypes:
+                raise Unsupported(f"dtype {request.dtype}")
+            return extension.fn(request, self.device)
+        if op not in MAPPINGS:
             raise Unsupported(f"the torch adapter does not implement {op}")
         if request.dtype not in _TORCH_DTYPES:
             raise Unsupported(f"dtype {request.dtype}")
-        return _OPS[op](_Call(request, self.device))
+        return MAPPINGS[op].fn(_Call(request, self.device))
 
 
 def make_adapter(device: str | None = None) -> TorchAdapter:
