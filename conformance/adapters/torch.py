@@ -324,6 +324,17 @@ def rms_norm(c: _Call) -> Response:
     return c.finish({"y": y})
 
 
+def l2_normalize(c: _Call) -> Response:
+    """``F.normalize(x, p=2, dim=axes, eps)``: ``x / max(||x||, eps)`` (eps clamps the norm)."""
+    c.expect("eps_clamps", "norm")
+    axes, eps = c.take("axes"), c.take("eps")
+    x = c.input("x")
+    dims = tuple(_axis(a, x.ndim) for a in axes)
+    y = F.normalize(x, p=2.0, dim=dims if len(dims) > 1 else dims[0], eps=eps)
+    c.check_all_read("l2_normalize")
+    return c.finish({"y": y})
+
+
 def weight_norm(c: _Call) -> Response:
     """``torch._weight_norm(v, g, dim)``; the oracle's dim=None is torch's -1 (whole tensor)."""
     c.expect("eps", 0.0)
@@ -417,6 +428,8 @@ MAPPINGS: dict[str, Mapping] = {
         spectral_norm, api="torch.nn.utils.parametrizations.spectral_norm", dtypes=DTYPES,
         dialect={"normalize": "max", "iteration_order": "u_then_v", "eval_mode": "frozen",
                  "gradient": "through_sigma"}),
+    "l2_normalize": Mapping(l2_normalize, api="torch.nn.functional.normalize", dtypes=DTYPES,
+                            dialect={"eps_clamps": "norm"}),
     "weight_standardization": Mapping(
         weight_standardization, dtypes=DTYPES,
         api="timm StdConv2d: F.batch_norm(w.reshape(1, out, -1), training=True)",
