@@ -6,8 +6,8 @@ its state's fields replaced by the request's slots, one ``update`` and ``apply_u
 
 * ``adagrad`` -> ``optax.adagrad`` (``scale_by_rss`` then ``scale_by_learning_rate``): field
   ``sum_of_squares`` = oracle ``sum``.  optax has eps inside the root, the zero-where-empty rule
-  and no ``lr_decay``; it keeps no step count, so ``step`` is returned as the request's count
-  plus one (the number of calls).
+  and no ``lr_decay``; it keeps no step count, so ``step`` is declared not kept (supplied by the
+  harness, never compared).
 * ``rmsprop`` -> ``optax.rmsprop``: ``nu`` = ``square_avg`` (``ScaleByRmsState`` or, centered,
   ``ScaleByRStdDevState``), ``mu`` = ``grad_avg`` (centered), ``trace`` = ``momentum_buffer``
   (``TraceState``), ``count`` (the ``...WithCountState`` of ``bias_correction=True``) = ``step``.

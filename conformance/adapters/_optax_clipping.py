@@ -4,8 +4,8 @@ The clipping specs are "SGD on the clipped gradient" with the coupled L2 decay a
 clipping; in optax that is the chain a user writes, ``optax.chain(<clip>,
 optax.add_decayed_weights(wd, mask), optax.sgd(lr))``, built like ``_optax_optim.py`` (class
 :class:`OptaxStep`).  Every transformation in it is stateless (``optax.sgd`` without momentum
-keeps an empty state), so no field is loaded or read back; the returned ``step`` is the
-request's count plus one (the number of calls).
+keeps an empty state), so no field is loaded or read back and ``step`` is declared not kept
+(supplied by the harness, never compared).
 
 * ``global_norm_clip`` -> ``optax.clip_by_global_norm(max_norm)``: ``select(n < c, g, g / n *
   c)``, i.e. ``eps_add = 0``.
