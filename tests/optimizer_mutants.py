@@ -16,8 +16,8 @@ import numpy as np
 
 import reference
 from conformance.adapters import OpSupport, Request, Response
+from reference.optimizers import mask_of
 from reference.optimizers._common import apply_weight_decay, bias_correction, ema, next_step
-from reference.optimizers._tree import mask_of
 
 Tree = dict[str, Any]
 

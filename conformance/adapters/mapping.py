@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from conformance.adapters import HyperParameters, OpSupport, Request, Response
-from reference.optimizers._tree import mask_of
+from reference.optimizers import mask_of
 
 __all__ = ["EXTENSIONS", "Mapping", "OptimizerRequest", "extension_modules", "load_extensions"]
 

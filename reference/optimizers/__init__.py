@@ -16,7 +16,7 @@ Contract (every module; its spec is ``specs/optimizers/<name>.toml``, ``kind = "
   schedules``), which is what makes the lr-inside-the-buffer forms (Keras, Caffe2, optax's
   ``trace`` after ``scale_by_learning_rate``) and Goyal's momentum correction expressible.
 * masks (``weight_decay_mask``, ``trust_mask``, ...) are names from ``_tree.MASKS`` or callables
-  ``(path, array) -> bool``.
+  ``(path, array) -> bool``; :func:`mask_of` (public) resolves one to ``{path: bool}``.
 * :func:`param_groups` (public: ``from reference.optimizers import param_groups``) gives
   per-group hyper-parameters, as torch's ``param_groups`` and optax's ``multi_transform``:
   ``param_groups(sgd.step, [("ndim>=2", {}), ("all", {"weight_decay": 0.0})])`` is a step
@@ -28,6 +28,6 @@ correction).  Each function is written from its paper's equations; the module do
 them and the framework conventions its knobs reproduce.
 """
 
-from reference.optimizers._tree import param_groups
+from reference.optimizers._tree import mask_of, param_groups
 
-__all__ = ["param_groups"]
+__all__ = ["mask_of", "param_groups"]
