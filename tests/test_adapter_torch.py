@@ -82,10 +82,10 @@ def test_info_names_framework_version_and_device(adapter):
     assert all(isinstance(v, str) for v in info.values())
 
 
-#: The normalizers torch (or timm, for weight standardization) ships; the others (PowerNorm,
-#: EvoNorm, Ghost BN) have no torch layer.
-TORCH_NORMALIZERS = ["batch_norm", "group_norm", "instance_norm", "l2_normalize", "layer_norm", "rms_norm",
-                     "spectral_norm", "weight_norm", "weight_standardization"]
+#: The normalizers torch (or timm, for weight standardization) ships, and Ghost BN as torch users
+#: build it (BatchNorm per chunk); PowerNorm and EvoNorm have no torch layer.
+TORCH_NORMALIZERS = ["batch_norm", "ghost_batch_norm", "group_norm", "instance_norm", "l2_normalize",
+                     "layer_norm", "rms_norm", "spectral_norm", "weight_norm", "weight_standardization"]
 
 
 def test_every_core_normalizer_in_every_dtype(adapter):
@@ -259,3 +259,28 @@ def test_cuda_quick_profile_runs():
     results = runner.run(adapter, runner.plan(adapter, dtypes=["float64", "float32", "float16"],
                                               profile="quick"), profile="quick")
     assert not [r for r in results if r.verdict == "ERROR"]
+
+
+class _OneBatchNormForTheWholeBatch(torch_adapter.TorchAdapter):
+    """Ghost BN's plausible mistake: BatchNorm over the whole batch (one running update)."""
+
+    def evaluate(self, op, request):
+        if op != "ghost_batch_norm":
+            return super().evaluate(op, request)
+        whole = {**request.hparams, "virtual_batch_size": int(next(iter(request.inputs.values())).shape[0]),
+                 "split": "chunk_ceil", "chunk_momentum": "same"}
+        return super().evaluate(op, Request(op, request.dtype, request.inputs, request.state, whole,
+                                            request.cotangents))
+
+
+def test_ghost_batch_norm_is_batch_norm_per_chunk(adapter):
+    """torch BatchNorm per chunk (bigBatch / Composer / tabnet) passes the oracle; BatchNorm over
+    the whole batch FAILs every case with more than one ghost batch."""
+    planned = runner.plan(adapter, ops="^ghost_batch_norm$", dtypes=("float64", "float32"), profile="quick")
+    results = runner.run(adapter, planned, profile="quick")
+    assert {r.verdict for r in results} <= {"PASS", "SKIP", "MISTRUSTED"}
+    assert sum(r.verdict == "PASS" for r in results) >= 8
+    wrong = runner.run(_OneBatchNormForTheWholeBatch(), planned, profile="quick", diagnose_fail=False)
+    judged = [r for r in wrong if r.verdict != "SKIP"]
+    assert judged and sum(r.verdict == "FAIL" for r in judged) >= len(judged) - 2, \
+        [(r.id, r.verdict) for r in judged]

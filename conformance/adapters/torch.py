@@ -247,6 +247,57 @@ def batch_norm(c: _Call) -> Response:
     return c.finish({"y": torch.movedim(y, 1, axis)}, state)
 
 
+def ghost_batch_norm(c: _Call) -> Response:
+    """Ghost BN as Hoffer's bigBatch, Composer and pytorch-tabnet build it: one ``nn.BatchNorm*d``
+    applied to each contiguous chunk of the batch (``x.chunk(k)``, or ``x.split(vbs)``), so the
+    running statistics are updated once per chunk (Composer divides the momentum by k)."""
+    for knob, value in MAPPINGS["ghost_batch_norm"].dialect.items():
+        c.expect(knob, value)
+    vbs, split, small = c.take("virtual_batch_size"), c.take("split"), c.take("small_batch")
+    update, divided = c.take("running_update"), c.take("chunk_momentum") == "divided"
+    training, track = c.take("training"), c.take("track_running_stats")
+    axis, eps, momentum = c.take("axis"), c.take("eps"), c.take("momentum")
+    if update != "sequential" or split == "strided":
+        raise Unsupported("BatchNorm per chunk: contiguous chunks, one running-statistics update per chunk "
+                          f"(not split={split!r} with running_update={update!r}, tf.keras's construction)")
+    x, weight, bias = c.input("x"), c.input("weight", parameter=True), c.input("bias", parameter=True)
+    xc = torch.movedim(x, _axis(axis, x.ndim), 1)
+    n, channels = int(xc.shape[0]), int(xc.shape[1])
+    if n < vbs and small == "raise":
+        raise Unsupported(f"{n} samples, fewer than virtual_batch_size={vbs} (Composer refuses)")
+    if split == "fixed":
+        chunks = list(xc.split(vbs))
+        requested = len(chunks)
+    else:
+        requested = n // vbs if split == "chunk_floor" else -(-n // vbs)
+        if requested == 0:
+            raise Unsupported(f"x.chunk({n} // {vbs}) = x.chunk(0)")
+        chunks = list(xc.chunk(requested))
+    m = momentum / requested if divided and momentum is not None else momentum
+    module = _batch_norm_module(xc.ndim)(channels, eps=eps, momentum=m, affine=False,
+                                         track_running_stats=track, device=c.device, dtype=c.dtype)
+    module.weight, module.bias = weight, bias
+    if track:
+        for name in ("running_mean", "running_var"):
+            value = c.state(name)
+            if value is not None:
+                setattr(module, name, value)
+        module.num_batches_tracked = torch.tensor(c.count(), dtype=torch.long, device=c.device)
+    module.train(training)
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        flat = t if t.ndim <= 5 else t.reshape(t.shape[0], channels, -1)
+        return _single_value_guard(lambda: module(flat)).reshape(t.shape)
+
+    y = torch.cat([run(t) for t in chunks]) if training or not track else run(xc)
+    state = {}
+    if track:
+        state = {"running_mean": module.running_mean, "running_var": module.running_var,
+                 "num_batches_tracked": float(module.num_batches_tracked.item())}
+    c.check_all_read("ghost_batch_norm")
+    return c.finish({"y": torch.movedim(y, 1, _axis(axis, x.ndim))}, state)
+
+
 def layer_norm(c: _Call) -> Response:
     """``F.layer_norm`` over the trailing axes (other normalized axes are permuted there)."""
     axes, eps = c.take("axes"), c.take("eps")
@@ -411,6 +462,10 @@ MAPPINGS: dict[str, Mapping] = {
         batch_norm, api="torch.nn.BatchNorm{1,2,3}d (F.batch_norm)", dtypes=DTYPES,
         dialect={"momentum_convention": "new_weight", "running_var_correction": 1,
                  "single_value": "raise"}),
+    "ghost_batch_norm": Mapping(
+        ghost_batch_norm, api="torch.nn.BatchNorm{1,2,3}d per chunk (bigBatch, Composer, tabnet)",
+        dtypes=DTYPES, dialect={"momentum_convention": "new_weight", "running_var_correction": 1,
+                                "single_value": "raise"}),
     "layer_norm": Mapping(layer_norm, api="torch.nn.functional.layer_norm", dtypes=DTYPES),
     "group_norm": Mapping(group_norm, api="torch.nn.functional.group_norm", dtypes=DTYPES,
                           dialect={"affine": "per_channel"}),
