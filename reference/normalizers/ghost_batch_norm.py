@@ -74,6 +74,7 @@ from reference.normalizers._stats import (
     standardize_vjp,
 )
 from reference.normalizers.batch_norm import _uses_batch_stats
+from reference.normalizers.batch_norm import init_state as batch_norm_init_state
 from reference.registry import oracle_function, oracle_vjp
 
 OP = "ghost_batch_norm"
@@ -166,16 +167,10 @@ def _per_ghost(xp: Any, x: Any, layout: GhostLayout, R: tuple[int, ...], eps: fl
 
 
 def init_state(x: Any, *, axis: int = 1, track_running_stats: bool = True) -> dict[str, Any]:
-    """Running mean 0, running variance 1, no batches seen (every framework's initial state)."""
-    if not track_running_stats:
-        return {}
-    xp = namespace(x)
-    c = int(x.shape[_check(x, None, None, None, None, axis)])
-    return {
-        "running_mean": xp.zeros((c,), dtype=xp.float64),
-        "running_var": xp.ones((c,), dtype=xp.float64),
-        "num_batches_tracked": xp.asarray(0.0, dtype=xp.float64),
-    }
+    """BatchNorm's initial state (running mean 0, variance 1, no batches), after Ghost BN's own
+    checks (so a bad ``x`` is reported under this op's name)."""
+    _check(x, None, None, None, None, axis)
+    return batch_norm_init_state(x, axis=axis, track_running_stats=track_running_stats)
 
 
 def _update_running(
