@@ -120,11 +120,18 @@ def test_positional_trees_and_wrt():
 
 
 def test_numerical_jacobian_matches_the_analytic_one():
-    x = RNG.standard_normal(3)
+    """1e-10 normwise relative accuracy (an element near 0, cos(a.x) A_ij ~ 1e-3, carries the
+    absolute error of its row, ~1e-12, so an elementwise rtol would test the wrong thing); its own
+    seed, so the point does not depend on which tests ran before in the worker."""
+    x = np.random.default_rng(11).standard_normal(3)
     J, err = numerical_jacobian(lambda x: np.sin(A @ x), x)
     exact = np.cos(A @ x)[:, None] * A
-    np.testing.assert_allclose(J, exact, rtol=1e-10, atol=1e-12)
+    assert np.max(np.abs(J - exact)) <= 1e-10 * np.max(np.abs(exact))
     assert np.all(err < 1e-9)
+    # and it fails for a wrong Jacobian (one entry off by 1e-8 relative)
+    wrong = exact.copy()
+    wrong[0, 0] *= 1 + 1e-8 / abs(wrong[0, 0]) * np.max(np.abs(exact))
+    assert np.max(np.abs(J - wrong)) > 1e-10 * np.max(np.abs(exact))
 
 
 def test_directional_derivative_reports_its_error_and_call_count():
