@@ -61,10 +61,14 @@ BUILTIN = {
     "torch": "conformance.adapters.torch",
     "jax": "conformance.adapters.jax",
     "pytorch_optimizer": "conformance.adapters.pytorch_optimizer",
+    "onnxruntime": "conformance.adapters.onnxruntime",
+    "onnx_reference": "conformance.adapters.onnx_reference",
+    "keras": "conformance.adapters.keras",
 }
 
 #: The framework package each built-in adapter needs (None: always available).
-REQUIRES = {"numpy32": None, "torch": "torch", "jax": "jax", "pytorch_optimizer": "pytorch_optimizer"}
+REQUIRES = {"numpy32": None, "torch": "torch", "jax": "jax", "pytorch_optimizer": "pytorch_optimizer",
+            "onnxruntime": "onnxruntime", "onnx_reference": "onnx", "keras": "keras"}
 
 
 class Unsupported(Exception):
@@ -199,7 +203,8 @@ class AdapterLoadError(ValueError):
 
 
 #: The pip extra that installs each built-in adapter's framework.
-EXTRAS = {"torch": "torch", "jax": "jax", "pytorch_optimizer": "refs"}
+EXTRAS = {"torch": "torch", "jax": "jax", "pytorch_optimizer": "refs", "onnxruntime": "onnx",
+          "onnx_reference": "onnx", "keras": "keras"}
 
 
 def _from_module(module: Any, where: str) -> Adapter:
