@@ -37,6 +37,11 @@ is RMSNorm's VJP in R^d (``_stats.rms_vjp``) chained through decompress, whose t
 (g, g_d) to g - g_d.  With eps = 0, ``sum_j x_j dx_j = 0`` (scale invariance); in general
 ``sum_j x_j dx_j = eps r^2 sum_i dy_i y_i``.
 
+At d = 2 (one feature) the form above is ``r (1 - y^2) dy`` and cancels where |y| -> 1; the VJP
+uses the equivalent ``eps r^3 dy`` there.  For d > 2 only the radial component of dx (size
+``eps r^2``) is affected, which is small against the whole gradient, so the result stays
+normwise accurate.
+
 Accuracy: every term of q is non-negative, so q is accurate to a few ulps whatever the data (the
 sum S itself may cancel, but its absolute error, a few ulps of sum |x_i|, moves S^2 by less than
 m ulps of sum x_i^2).  Squares are not rescaled: |x| must stay below about 1e154 / m (S^2 <= m
@@ -85,6 +90,11 @@ def crms_norm_vjp(dy: Any, x: Any, *, eps: float = 1e-5) -> dict[str, Any]:
     d = _check(x)
     check_shape(OP, "dy", dy, tuple(x.shape), "the cotangent of y has the shape of x")
     y, r, s = _normalize(x, d, eps)
+    if d == 2:
+        # One compressed feature: y = x / sqrt(x^2 + eps), dy/dx = r - x^2 r^3 = eps r^3.  The
+        # general form computes that as r (1 - y^2) and loses log10(x^2 / eps) digits to the
+        # cancellation where y saturates at +-1 (1e-10 relative at eps = 1e-6).
+        return {"x": dy * (eps * r * r * r)}
     coupling = xp.sum(dy * y, axis=-1, keepdims=True) / d  # (1/d) sum_i dy_i y_i
     return {"x": r * (dy - (y + s * r) * coupling)}
 
