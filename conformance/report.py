@@ -27,10 +27,12 @@ __all__ = [
     "EXIT_USAGE",
     "SHORT",
     "coverage_lines",
+    "detail_lines",
     "exit_code",
     "grid",
     "progress_printer",
     "read_json",
+    "results_from_dict",
     "summary_counts",
     "terminal",
     "to_json",
@@ -137,6 +139,13 @@ def _detail(r: CaseResult) -> list[str]:
         lines.append(f"    {c}")
     lines.append(f"    repro: {r.repro}")
     return lines
+
+
+def detail_lines(r: CaseResult) -> list[str]:
+    """The lines the terminal report prints for a noteworthy case: verdict and id, the worst
+    quantity with its error, bound and ratio, the diagnosis, the failing comparisons and the
+    ``normref repro`` line (the Markdown and JUnit reports hold the same lines)."""
+    return _detail(r)
 
 
 def _skip_reasons(results: list[CaseResult]) -> list[str]:
@@ -287,8 +296,14 @@ def read_json(path: str | Path) -> tuple[dict[str, Any], list[CaseResult]]:
         doc = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable JSON report ({type(exc).__name__}: {exc})") from None
+    return results_from_dict(doc, source=str(path))
+
+
+def results_from_dict(doc: Any, *, source: str = "report") -> tuple[dict[str, Any], list[CaseResult]]:
+    """The run's metadata and its results from a report already parsed from JSON (the dict
+    :func:`to_json` writes); ValueError naming ``source`` when it is not such a report."""
     if not isinstance(doc, dict) or not isinstance(doc.get("cases"), list):
-        raise ValueError(f"{path}: not a normref JSON report (no 'cases' list; see normref check --json)")
+        raise ValueError(f"{source}: not a normref JSON report (no 'cases' list; see normref check --json)")
     names = {f.name for f in fields(CaseResult)}
     results = []
     for i, rec in enumerate(doc["cases"]):
@@ -298,7 +313,7 @@ def read_json(path: str | Path) -> tuple[dict[str, Any], list[CaseResult]]:
                 values[key] = math.nan if values.get(key) is None else float(values[key])  # "inf" too
             results.append(CaseResult(**values))
         except (TypeError, ValueError, AttributeError) as exc:
-            raise ValueError(f"{path}: case #{i} is not a case record ({exc})") from None
+            raise ValueError(f"{source}: case #{i} is not a case record ({exc})") from None
     meta = {k: v for k, v in doc.items() if k not in ("cases", "summary")}
     return meta, results
 
