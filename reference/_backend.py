@@ -21,8 +21,10 @@ __all__ = [
     "Outputs",
     "as_discrete",
     "as_float64",
+    "device",
     "is_array",
     "namespace",
+    "size",
     "to_numpy",
 ]
 
@@ -43,6 +45,26 @@ def namespace(*arrays: Any) -> Any:
     from array_api_compat import array_namespace
 
     return array_namespace(*present)
+
+
+def device(x: Any) -> Any:
+    """The device ``x`` lives on, for the creation functions that make arrays beside it
+    (``xp.zeros(shape, dtype=..., device=device(x))``): without it a new array lands on the
+    namespace's default device ("cpu" for torch, the current device for CuPy) and the next
+    operation mixes devices."""
+    if type(x) is np.ndarray:
+        return "cpu"
+    from array_api_compat import device as device_of
+
+    return device_of(x)
+
+
+def size(x: Any) -> int:
+    """The number of elements of ``x`` (``x.size`` is a method on torch tensors)."""
+    n = 1
+    for extent in x.shape:
+        n *= int(extent)
+    return n
 
 
 def is_array(value: Any) -> bool:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference.registry import oracle_function
 
 OP = "gradient_noise_scale"
@@ -79,5 +79,5 @@ def gradient_noise_scale(g_small: Any, g_big: Any, ema_g2: Any, ema_s: Any, step
 def init_state(g_small: Any) -> dict[str, Any]:
     """Both averages 0 and no estimate yet."""
     xp = namespace(g_small)
-    zero = xp.zeros((), dtype=xp.float64)
+    zero = xp.zeros((), dtype=xp.float64, device=device(g_small))
     return {"ema_g2": zero, "ema_s": zero, "step": zero}

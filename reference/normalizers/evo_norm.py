@@ -93,7 +93,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axis
 from reference.normalizers._stats import centered_moments, running_average
 from reference.registry import oracle_function, oracle_vjp
@@ -282,7 +282,7 @@ def init_state(x: Any, *, variant: str = "b0", axis: int = 1) -> dict[str, Any]:
         return {}
     xp = namespace(x)
     _, channels = _check(x, {}, axis)
-    return {"running_var": xp.ones((channels,), dtype=x.dtype)}
+    return {"running_var": xp.ones((channels,), dtype=x.dtype, device=device(x))}
 
 
 @oracle_function(OP)

@@ -61,7 +61,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference._common import check_channel_params, check_shape, fail
 from reference.normalizers._stats import (
     affine,
@@ -147,7 +147,7 @@ def _reorder(xp: Any, v: Any, order: tuple[int, ...] | None, *, inverse: bool = 
         for pos, i in enumerate(order):
             back[i] = pos
         order = tuple(back)
-    return xp.take(v, xp.asarray(order, dtype=xp.int64), axis=0)
+    return xp.take(v, xp.asarray(order, dtype=xp.int64, device=device(v)), axis=0)
 
 
 def _per_ghost(xp: Any, x: Any, layout: GhostLayout, R: tuple[int, ...], eps: float, training: bool,
@@ -236,7 +236,7 @@ def ghost_batch_norm(
             "running_var": running_var,
             "num_batches_tracked": num_batches_tracked
             if num_batches_tracked is not None
-            else xp.asarray(0.0, dtype=xp.float64),
+            else xp.asarray(0.0, dtype=xp.float64, device=device(x)),
         }
     if not _uses_batch_stats(training, track_running_stats):
         x_hat, _ = running_standardize(x, running_mean, running_var, eps, axis)

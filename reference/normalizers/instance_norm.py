@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference._common import (
     check_channel_params,
     check_shape,
@@ -79,10 +79,11 @@ def init_state(x: Any, *, axis: int = 1, track_running_stats: bool = False) -> d
         return {}
     xp = namespace(x)
     c = int(x.shape[_check(x, None, None, None, None, axis)])
+    on = device(x)  # beside x: the state meets x's statistics in the update
     return {
-        "running_mean": xp.zeros((c,), dtype=xp.float64),
-        "running_var": xp.ones((c,), dtype=xp.float64),
-        "num_batches_tracked": xp.asarray(0.0, dtype=xp.float64),
+        "running_mean": xp.zeros((c,), dtype=xp.float64, device=on),
+        "running_var": xp.ones((c,), dtype=xp.float64, device=on),
+        "num_batches_tracked": xp.asarray(0.0, dtype=xp.float64, device=on),
     }
 
 
@@ -128,7 +129,7 @@ def instance_norm(
             "running_var": running_var,
             "num_batches_tracked": num_batches_tracked
             if num_batches_tracked is not None
-            else xp.asarray(0.0, dtype=xp.float64),
+            else xp.asarray(0.0, dtype=xp.float64, device=device(x)),
         }
 
     if _uses_instance_stats(training, track_running_stats):

@@ -105,7 +105,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference._common import check_channel_params, check_shape, fail
 from reference.normalizers._stats import affine, expand_to, other_axes, rms_vjp, sum_over
 from reference.registry import oracle_function, oracle_vjp
@@ -139,10 +139,11 @@ def init_state(x: Any, *, axis: int = -1) -> dict[str, Any]:
     """running_phi = 1, ema_gz = 0, no step taken (the official module's buffers)."""
     xp = namespace(x)
     c = int(x.shape[check_channel_params(OP, x, axis, {}, min_ndim=2)])
+    on = device(x)
     return {
-        "running_phi": xp.ones((c,), dtype=xp.float64),
-        "ema_gz": xp.zeros((c,), dtype=xp.float64),
-        "iters": xp.asarray(0.0, dtype=xp.float64),
+        "running_phi": xp.ones((c,), dtype=xp.float64, device=on),
+        "ema_gz": xp.zeros((c,), dtype=xp.float64, device=on),
+        "iters": xp.asarray(0.0, dtype=xp.float64, device=on),
     }
 
 
@@ -152,9 +153,10 @@ def _state(x: Any, running_phi: Any, ema_gz: Any, iters: Any, axis: int) -> tupl
         return running_phi, ema_gz, iters
     xp = namespace(x)
     c = int(x.shape[axis])
-    return (running_phi if running_phi is not None else xp.ones((c,), dtype=x.dtype),
-            ema_gz if ema_gz is not None else xp.zeros((c,), dtype=x.dtype),
-            iters if iters is not None else xp.asarray(0.0, dtype=x.dtype))
+    on = device(x)
+    return (running_phi if running_phi is not None else xp.ones((c,), dtype=x.dtype, device=on),
+            ema_gz if ema_gz is not None else xp.zeros((c,), dtype=x.dtype, device=on),
+            iters if iters is not None else xp.asarray(0.0, dtype=x.dtype, device=on))
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference._common import check_feature_params, check_shape, fail
 from reference.normalizers._stats import expand_to, other_axes, reduction_size, sum_over
 from reference.registry import oracle_function, oracle_vjp
@@ -85,7 +85,7 @@ def _first_k_mask(x: Any, axes: tuple[int, ...], k: int) -> Any:
     xp = namespace(x)
     axis = axes[0]
     d = int(x.shape[axis])
-    mask = xp.astype(xp.arange(d) < k, xp.float64)
+    mask = xp.astype(xp.arange(d, device=device(x)) < k, xp.float64)
     shape = [1] * x.ndim
     shape[axis] = d
     return xp.reshape(mask, tuple(shape))

@@ -77,7 +77,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axis
 from reference.normalizers._stats import l2_norm
 from reference.registry import oracle_function, oracle_vjp
@@ -138,11 +138,11 @@ def l2_normalize(x: Any, normalize: str, eps: float) -> Any:
     xp = namespace(x)
     norm = vector_norm(x)
     if normalize == "max":  # torch F.normalize, Keras ops.normalize
-        return x / xp.maximum(norm, xp.asarray(eps, dtype=norm.dtype))
+        return x / xp.maximum(norm, xp.asarray(eps, dtype=norm.dtype, device=device(norm)))
     if normalize == "add":  # official Chainer _l2normalize: eps outside the norm
         return x / (norm + eps)
     # Flax: x * rsqrt(sum x^2 + eps) = x / hypot(||x||, sqrt(eps)), without squaring ||x||.
-    return x / xp.hypot(norm, xp.sqrt(xp.asarray(eps, dtype=norm.dtype)))
+    return x / xp.hypot(norm, xp.sqrt(xp.asarray(eps, dtype=norm.dtype, device=device(norm))))
 
 
 def power_iteration(
@@ -202,7 +202,7 @@ def _forward(weight: Any, u: Any, v: Any, hp: dict[str, Any]) -> tuple[Any, ...]
     training, eval_mode = hp["training"], hp["eval_mode"]
     if not training and eval_mode == "stored_kernel":
         # Keras: the kernel variable already holds W / sigma from the last training call.
-        one = xp.asarray(1.0, dtype=weight.dtype)
+        one = xp.asarray(1.0, dtype=weight.dtype, device=device(weight))
         return weight, one, u, v, {"u": u, "v": v}, W_mat, dim, False
     iterate = training or eval_mode in ("iterate_no_store", "iterate_store")
     store = training or eval_mode == "iterate_store"

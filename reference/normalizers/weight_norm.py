@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import as_float64, namespace
+from reference._backend import as_float64, device, namespace
 from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axis
 from reference.normalizers._stats import centered_moments, l2_norm, other_axes
 from reference.registry import oracle_function, oracle_vjp
@@ -163,7 +163,7 @@ def init_g(v: Any, *, dim: int | None = 0, mode: str = "norm") -> Any:
     check_ndim(OP, "v", v, min_ndim=1)
     check_nonempty(OP, "v", v)
     axes, g_shape = _norm_axes(v, dim)
-    g = l2_norm(v, axes) if mode == "norm" else xp.ones(g_shape, dtype=xp.float64)
+    g = l2_norm(v, axes) if mode == "norm" else xp.ones(g_shape, dtype=xp.float64, device=device(v))
     return xp.reshape(g, ()) if dim is None else g
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference.optimizers._tree import Mask, Params, mask_of
 
 __all__ = ["WEIGHT_DECAY_MODES", "apply_weight_decay", "bias_correction", "coupled_decay",
@@ -22,7 +22,7 @@ WEIGHT_DECAY_MODES = ("l2", "decoupled_lr", "decoupled_nolr")
 def scalar(like: Any, value: float) -> Any:
     """A 0-d float64 array in the namespace of ``like``."""
     xp = namespace(like)
-    return xp.asarray(value, dtype=xp.float64)
+    return xp.asarray(value, dtype=xp.float64, device=device(like))
 
 
 def next_step(state: dict[str, Any], params: Params) -> tuple[Any, int]:

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace, size
 
 Params = dict[str, Any]
 Mask = str | Callable[[str, Any], bool]
@@ -73,9 +73,9 @@ def zeros_like(params: Params) -> Params:
 def norm(x: Any) -> Any:
     """||x||_2 over every element (a 0-d array), scaled so squares of 1e200 do not overflow."""
     xp = namespace(x)
-    big = xp.max(xp.abs(x)) if x.size else xp.asarray(0.0, dtype=xp.float64)
+    big = xp.max(xp.abs(x)) if size(x) else xp.asarray(0.0, dtype=xp.float64, device=device(x))
     if not (0.0 < float(big) < math.inf):
-        return xp.asarray(float(big), dtype=xp.float64)
+        return xp.asarray(float(big), dtype=xp.float64, device=device(x))
     return big * xp.sqrt(xp.sum((x / big) ** 2))
 
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference.optimizers._common import next_step, scalar
 from reference.optimizers._tree import Mask, Params, mask_of, zeros_like
 from reference.registry import oracle_optimizer
@@ -108,7 +108,7 @@ def _rms(x: Any) -> Any:
 
 def _placeholder(w: Any) -> Any:
     xp = namespace(w)
-    return xp.zeros((1,), dtype=w.dtype)
+    return xp.zeros((1,), dtype=w.dtype, device=device(w))
 
 
 def _shapes(w: Any, axes: tuple[int, int] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -139,8 +139,8 @@ def init(
             state["exp_avg_sq"][p] = xp.zeros_like(w)
         else:
             row_shape, col_shape = _shapes(w, axes)
-            state["exp_avg_sq_row"][p] = xp.zeros(row_shape, dtype=w.dtype)
-            state["exp_avg_sq_col"][p] = xp.zeros(col_shape, dtype=w.dtype)
+            state["exp_avg_sq_row"][p] = xp.zeros(row_shape, dtype=w.dtype, device=device(w))
+            state["exp_avg_sq_col"][p] = xp.zeros(col_shape, dtype=w.dtype, device=device(w))
             state["exp_avg_sq"][p] = _placeholder(w)
     if beta1 != 0.0:
         state["exp_avg"] = zeros_like(params)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace, size
 from reference.optimizers._common import coupled_decay, next_step, scalar
 from reference.optimizers._tree import Mask, Params, global_norm, mask_of, norm
 from reference.registry import oracle_optimizer
@@ -152,7 +152,7 @@ def clip_per_tensor(grads: Params, max_norm: float, *, eps_add: float = 0.0,
     for p, g in grads.items():
         n = norm(g)
         if measure == "rms":
-            n = n / math.sqrt(max(g.size, 1))
+            n = n / math.sqrt(max(size(g), 1))
         out[p] = _scale_if_above(g, n, max_norm, eps_add)
     return out
 
@@ -163,8 +163,9 @@ def agc_tensor(w: Any, g: Any, *, clipping: float = 0.01, eps: float = 1e-3,
     xp = namespace(g)
     w_norm = unitwise_norm(w, layout)
     g_norm = unitwise_norm(g, layout)
-    max_norm = clipping * xp.maximum(w_norm, xp.asarray(eps, dtype=w_norm.dtype))
-    guarded = xp.maximum(g_norm, xp.asarray(AGC_DIV_EPS, dtype=g_norm.dtype))
+    on = device(w_norm)
+    max_norm = clipping * xp.maximum(w_norm, xp.asarray(eps, dtype=w_norm.dtype, device=on))
+    guarded = xp.maximum(g_norm, xp.asarray(AGC_DIV_EPS, dtype=g_norm.dtype, device=on))
     trigger = (guarded if compare_guarded else g_norm) > max_norm
     if not bool(xp.any(trigger)):
         return g

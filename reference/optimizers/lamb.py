@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference.optimizers import _common
 from reference.optimizers._common import apply_weight_decay, next_step, scalar
 from reference.optimizers._tree import Mask, Params, global_norm, mask_of, norm, zeros_like
@@ -64,7 +64,7 @@ def _trust_ratio(w: Any, u: Any, *, trust_eps: float, trust_clip: bool, phi_min:
     xp = namespace(w)
     phi = min(max(float(norm(w)), phi_min), phi_max if phi_max is not None else float("inf"))
     u_norm = norm(u)
-    one = xp.asarray(1.0, dtype=w.dtype)
+    one = xp.asarray(1.0, dtype=w.dtype, device=device(w))
     if phi == 0.0 or float(u_norm) == 0.0:
         return one
     ratio = xp.astype(phi / (u_norm + trust_eps), w.dtype)

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference.optimizers._common import next_step, scalar
 from reference.optimizers._tree import Mask, Params, mask_of, norm, zeros_like
 from reference.registry import oracle_optimizer
@@ -68,13 +68,13 @@ def _ratio(w: Any, g: Any, wd: float, *, lr: float, trust_coefficient: float, ep
     if degenerate:
         if zero_norm_rule == "skip":
             return None
-        ratio = xp.asarray(1.0, dtype=w.dtype)
+        ratio = xp.asarray(1.0, dtype=w.dtype, device=device(w))
     else:
         ratio = xp.astype(trust_coefficient * w_norm / denom, w.dtype)
     if trust_clip:
         # LARC: lr * min(ratio / lr, 1) = min(ratio, lr); at lr = 0 the limit is 1.
-        ratio = xp.minimum(ratio / lr, xp.asarray(1.0, dtype=w.dtype)) if lr > 0.0 else \
-            xp.asarray(1.0, dtype=w.dtype)
+        one = xp.asarray(1.0, dtype=w.dtype, device=device(w))
+        ratio = xp.minimum(ratio / lr, one) if lr > 0.0 else one
     return ratio
 
 

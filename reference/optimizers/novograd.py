@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference.optimizers._common import decoupled_decay, next_step, scalar
 from reference.optimizers._tree import Mask, Params, mask_of, zeros_like
 from reference.registry import oracle_optimizer
@@ -58,7 +58,8 @@ def init(
     """Step 0, zero momentum and a zero (0-d) second moment per tensor."""
     like = next(iter(params.values()))
     return {"step": scalar(like, 0.0), "exp_avg": zeros_like(params),
-            "exp_avg_sq": {p: namespace(w).zeros((), dtype=w.dtype) for p, w in params.items()}}
+            "exp_avg_sq": {p: namespace(w).zeros((), dtype=w.dtype, device=device(w))
+                           for p, w in params.items()}}
 
 
 @oracle_optimizer(OP)

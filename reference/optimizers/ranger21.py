@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace, size
 from reference.optimizers._common import bias_correction, ema, next_step, scalar
 from reference.optimizers._tree import Mask, Params, mask_of
 from reference.optimizers.clipping import adaptive_grad_clip, unitwise_norm
@@ -104,7 +104,7 @@ def centralize_gradient(g: Any, *, conv_only: bool = False) -> Any:
 
 def normalize_gradient(g: Any, *, eps: float = GRAD_NORM_EPS) -> Any:
     """``g / (std(g) + eps)`` with the unbiased std of the whole tensor, when it has > 2 elements."""
-    if g.size <= 2:
+    if size(g) <= 2:
         return g
     xp = namespace(g)
     return g / (xp.std(g, correction=1) + eps)
@@ -202,10 +202,10 @@ def _step(params: Params, grads: Params, state: dict[str, Any], hp: dict[str, An
     variance = {p: ema(state["variance_ma"][p], g * g, beta2) for p, g in grads.items()}
     first = next(iter(variance.values()))
     xp = namespace(first)
-    total = xp.asarray(hp["variance_sum_init"], dtype=first.dtype)
+    total = xp.asarray(hp["variance_sum_init"], dtype=first.dtype, device=device(first))
     for v in variance.values():
         total = total + xp.sum(v / bc2)
-    count = sum(int(w.size) for w in params.values())
+    count = sum(size(w) for w in params.values())
     variance_normalized = xp.sqrt(total / count)
 
     # 3. The learning rate of this step.

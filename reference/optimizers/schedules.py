@@ -58,7 +58,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from reference._backend import is_array, namespace
+from reference._backend import device, is_array, namespace
 from reference.registry import oracle_function
 
 __all__ = [
@@ -98,7 +98,7 @@ def _table(t: Any, values: Sequence[float], index: Any | None = None) -> Any:
     xp = namespace(t)
     idx = t if index is None else index
     flat = xp.reshape(xp.astype(idx, xp.int64), (-1,))
-    table = xp.asarray(list(values), dtype=t.dtype)
+    table = xp.asarray(list(values), dtype=t.dtype, device=device(t))
     return xp.reshape(xp.take(table, flat), t.shape)
 
 

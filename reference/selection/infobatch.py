@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference.registry import oracle_function
 
 OP = "infobatch"
@@ -42,7 +42,7 @@ def _kept_well_learned(well: Any, u: Any, keep: float, rule: str) -> Any:
     if rule == "bernoulli":
         return well & (u >= 1.0 - keep)
     quota = math.floor(keep * int(xp.sum(xp.astype(well, xp.int64))))
-    masked = xp.where(well, u, xp.full(u.shape, 2.0, dtype=u.dtype))   # draws lie in [0, 1)
+    masked = xp.where(well, u, xp.full(u.shape, 2.0, dtype=u.dtype, device=device(u)))   # draws lie in [0, 1)
     rank = xp.argsort(xp.argsort(masked, stable=True), stable=True)     # 0 = the smallest draw
     return well & (rank < quota)
 
