@@ -17,12 +17,13 @@ from helpers import (
     mp_array,
     mp_sqrt,
     relative_error,
+    run_mutant,
     t64,
     torch_or_skip,
     torch_vjp,
     verdict_table,
 )
-from mutants import Mutant
+from mutants import Control, Mutant
 from reference.normalizers.crms_norm import compress, compress_input_weight, crms_norm, decompress
 from reference.normalizers.layer_norm import layer_norm
 from reference.normalizers.rms_norm import rms_norm
@@ -366,3 +367,10 @@ class CRMSGradWithoutRestoredCoordinate(_CRMS):
 def test_mutants_are_flagged(cls):
     flagged, results = flagged_cases(cls())
     assert flagged >= MIN_FLAGGED, f"{cls.__name__} flagged by {flagged} cases:\n{verdict_table(results)}"
+
+
+def test_the_unmutated_control_is_not_flagged():
+    """The mutants' plumbing without a mistake: no FAIL, ERROR or CONVENTION."""
+    _, results = run_mutant(Control(_CRMS.op, _CRMS.dialect, _CRMS.dtypes))
+    flagged = [r for r in results if r.verdict in ("FAIL", "ERROR", "CONVENTION")]
+    assert not flagged, verdict_table(flagged)
