@@ -51,50 +51,64 @@ def flatten_response(response: Any) -> dict[str, np.ndarray]:
     return flat
 
 
-def oracle(op: reference.Op, hp: dict[str, Any], *, gradients: bool = True
+def oracle(op: reference.Op, hp: dict[str, Any], *, gradients: bool = True, backend: Any = None
            ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """Flat float64 evaluation: ``in./state./ct.`` -> ``outputs./grads./state.`` (no gradients
-    without cotangents, or when ``gradients`` is False)."""
+    without cotangents, or when ``gradients`` is False).  The oracle computes in the array
+    namespace of ``backend`` (a :class:`conformance.oracle_device.Backend`; None: the one
+    ``NORMREF_BACKEND`` names, NumPy or CuPy on a GPU); what it returns is float64 NumPy."""
     spec = op.spec
     if spec.is_optimizer:
-        return _optimizer_step(op, hp)
+        return _optimizer_step(op, hp, backend)
+    if backend is None:
+        from conformance import oracle_device
+
+        backend = oracle_device.current()
+    to_device, to_host = backend.to_device, backend.to_host
 
     def evaluate(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with np.errstate(all="ignore"):  # NaN/inf cases and probes: judged, not warned about
+            arrays = to_device(arrays)
             inputs, cts = unpack(arrays, "in."), unpack(arrays, "ct.")
             state = unpack(arrays, "state.") or None
             outputs, new_state = op.apply(inputs, state, **hp)
-            flat = {f"outputs.{k}": np.asarray(v, dtype=np.float64) for k, v in outputs.items()}
-            flat.update({f"state.{k}": np.asarray(v, dtype=np.float64) for k, v in new_state.items()})
+            flat = {f"outputs.{k}": to_host(v) for k, v in outputs.items()}
+            flat.update({f"state.{k}": to_host(v) for k, v in new_state.items()})
             if gradients and cts and spec.differentiable:
                 # The backward pass's state (PowerNorm's gradient statistic) is the step's final value.
                 grads, updated = op.backward(inputs, state, cts, **hp)
-                flat.update({f"grads.{k}": np.asarray(v, dtype=np.float64) for k, v in grads.items()})
-                flat.update({f"state.{k}": np.asarray(v, dtype=np.float64) for k, v in updated.items()})
+                flat.update({f"grads.{k}": to_host(v) for k, v in grads.items()})
+                flat.update({f"state.{k}": to_host(v) for k, v in updated.items()})
             return flat
 
     return evaluate
 
 
-def _optimizer_step(op: reference.Op, hp: dict[str, Any]
+def _optimizer_step(op: reference.Op, hp: dict[str, Any], backend: Any = None
                     ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """An optimizer's flat step, ``in.params/.., in.grads/.., state.`` -> ``outputs.params/..,
     state.``: the undecorated step on the float64 flat arrays the harness already holds, its
     hyper-parameters validated once (the probes call it tens of thousands of times a run; the
-    decorator's per-call validation and promotion would change no value)."""
+    decorator's per-call validation and promotion would change no value), in ``backend``'s
+    namespace (as :func:`oracle`)."""
     step = getattr(op.function, "__wrapped__", op.function)
     init = getattr(op.spec_init, "__wrapped__", op.spec_init)
     hp = op.spec.resolve(hp)
+    if backend is None:
+        from conformance import oracle_device
+
+        backend = oracle_device.current()
+    to_device, to_host = backend.to_device, backend.to_host
 
     def evaluate(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with np.errstate(all="ignore"):
+            arrays = to_device(arrays)
             params, grads = op.split_flat(unpack(arrays, "in."))
             state = unpack(arrays, "state.")
             tree = op.tree_state(state) if state else init(params, **hp)
             new_params, new_state = step(params, grads, tree, **hp)
-            flat = {f"outputs.params/{p}": np.asarray(v, dtype=np.float64) for p, v in new_params.items()}
-            flat.update({f"state.{k}": np.asarray(v, dtype=np.float64)
-                         for k, v in op.flat_state(new_state).items()})
+            flat = {f"outputs.params/{p}": to_host(v) for p, v in new_params.items()}
+            flat.update({f"state.{k}": to_host(v) for k, v in op.flat_state(new_state).items()})
             return flat
 
     return evaluate
