@@ -4,8 +4,10 @@ Verbs: ``list`` (the registered ops), ``show NAME`` (one op's spec: citation, eq
 hyper-parameters, dialect table), ``check [ADAPTER]`` (run the conformance cases through a
 framework adapter and report; ``--jobs N`` in worker processes, ``--shard K/N`` a part of the
 run), ``merge REPORT...`` (join the JSON reports of shards into one), ``repro CASE-ID`` (rerun one
-case and print inputs, both results and the difference).  Usage errors (unknown verb, op,
-adapter or option) print one line and exit with status 2; ``check`` and ``merge`` exit as in the
+case and print inputs, both results and the difference), ``export DIR`` (golden vectors for a
+backend without Python) and ``judge DIR RESULTS`` (that backend's results judged as ``check``
+judges an adapter; conformance/cli_golden.py).  Usage errors (unknown verb, op, adapter or
+option) print one line and exit with status 2; ``check``, ``merge`` and ``judge`` exit as in the
 README's exit-code table.  Heavy frameworks are imported only by the adapter that needs them,
 when a check runs.
 """
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from conformance.cli_golden import cmd_export, cmd_judge
 from conformance.cli_specs import EXIT_USAGE, cmd_list, cmd_show
 
 __all__ = ["EXIT_USAGE", "build_parser", "main"]
@@ -63,6 +66,35 @@ def _check_output(option: str, path: str | None) -> None:
         raise ValueError(f"{option} {path!r} is not writable")
 
 
+def _check_reports(args: argparse.Namespace) -> None:
+    """Every report path asked for is writable, and ``--html`` has its writer (before a run)."""
+    for option, path in (("--json", args.json), ("--junit-xml", args.junit_xml),
+                         ("--markdown", args.markdown), ("--html", args.html)):
+        _check_output(option, path)
+    if args.html:
+        import importlib.util
+
+        if importlib.util.find_spec("conformance.html_report") is None:
+            raise ValueError("--html needs conformance/html_report.py, which this normref does not have")
+
+
+def _write_html(args: argparse.Namespace, results: list[Any], meta: dict[str, Any]) -> None:
+    """The HTML report, from exactly the document ``--json`` writes (and the run's gate options,
+    which decide the exit status its header states)."""
+    import contextlib
+    import io
+    import json
+
+    from conformance import report
+    from conformance.html_report import write_html
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        report.to_json(results, "-", meta=meta)
+    write_html(json.loads(text.getvalue()), args.html, strict_xpass=not args.no_strict_xpass,
+               allow_conventions=args.allow_conventions, allow_empty=args.allow_empty)
+
+
 def _adapters(args: argparse.Namespace) -> list[Any]:
     from conformance.adapters import available_builtin, load_adapter
 
@@ -80,9 +112,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         shard = _parse_shard(args.shard)
         _workers(args.jobs, [])  # a bad $NORMREF_JOBS is a usage error, before the run
-        for option, path in (("--json", args.json), ("--junit-xml", args.junit_xml),
-                             ("--markdown", args.markdown)):
-            _check_output(option, path)
+        _check_reports(args)
         expected = xfails.load(args.xfails)
         if not runner.select_ops(args.ops):
             raise ValueError(f"--ops {args.ops!r} matches no registered op (normref list shows them)")
@@ -124,12 +154,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _reports(args: argparse.Namespace, results: list[Any], meta: dict[str, Any], coverage: dict[str, Any],
-             out: Any) -> int:
-    """The terminal report, the files asked for, and the exit status (check and merge)."""
+             out: Any, verb: str = "check") -> int:
+    """The terminal report, the files asked for, and the exit status (check, merge and judge)."""
     from conformance import report
 
-    title = "normref check: " + ", ".join(f"{name} ({info.get('version', '?')})"
-                                          for name, info in meta["adapters"].items())
+    title = f"normref {verb}: " + ", ".join(f"{name} ({info.get('version', '?')})"
+                                            for name, info in meta["adapters"].items())
     report.terminal(results, out, title=title, coverage=coverage)
     if args.json:
         report.to_json(results, args.json, meta=meta)
@@ -137,6 +167,8 @@ def _reports(args: argparse.Namespace, results: list[Any], meta: dict[str, Any],
         report.to_junit_xml(results, args.junit_xml, allow_conventions=args.allow_conventions)
     if args.markdown:
         report.to_markdown(results, args.markdown, title=title, coverage=coverage)
+    if args.html:
+        _write_html(args, results, meta)
     return report.exit_code(results, strict_xpass=not args.no_strict_xpass,
                             allow_conventions=args.allow_conventions, allow_empty=args.allow_empty)
 
@@ -145,9 +177,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from conformance.merge import merge
 
     try:
-        for option, path in (("--json", args.json), ("--junit-xml", args.junit_xml),
-                             ("--markdown", args.markdown)):
-            _check_output(option, path)
+        _check_reports(args)
         meta, results, coverage = merge(args.reports)
     except ValueError as exc:
         return _usage_error("merge", str(exc))
@@ -223,16 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "XPASS or CONVENTION; 2 on a usage or configuration error; 3 when nothing was compared.",
     )
     p_check.add_argument("adapter", nargs="?", help="numpy32 | torch | jax | my.module | path/to/adapter.py")
-    p_check.add_argument("--ops", default=None, help="regex over op names or <family>/<op> (default: all)")
-    p_check.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES),
-                         help="comma-separated subset of float64,float32,float16,bfloat16 (default: all "
-                         "four; "
-                         "each adapter runs the ones it declares)")
-    p_check.add_argument("--seed", type=_non_negative(int), default=0,
-                         help="case seed (same seed, same cases)")
-    p_check.add_argument("--max-examples", type=_non_negative(int), default=None, dest="max_examples",
-                         help="seeded random cases per op (overrides the profile's count)")
-    p_check.add_argument("--profile", choices=sorted(runner_profiles()), default="default")
+    _selection_options(p_check)
     p_check.add_argument("--timeout", type=_positive(float), default=None,
                          help="seconds per adapter call (default: the profile's, 60 s); after "
                          "3 consecutive timeouts the adapter's remaining cases are ERROR")
@@ -266,7 +287,68 @@ def build_parser() -> argparse.ArgumentParser:
     p_repro.add_argument("--max-elements", type=int, default=200, dest="max_elements",
                          help="print arrays in full up to this size")
     p_repro.set_defaults(func=cmd_repro)
+
+    p_export = sub.add_parser(
+        "export", help="write golden vectors for a backend without Python",
+        description="Write every case a backend would be asked for into DIR (which must not exist or be "
+        "empty): per case a JSON manifest (op, hyper-parameters per step, what is given, what to return) and "
+        "its arrays (inputs, state, cotangents, each step's gradients or batch, the oracle's expected values "
+        "and bounds), plus index.json, cases.tsv and a README.md saying what to compute and write back for "
+        "`normref judge`. The backend's conventions, dtypes and options come from --adapter (a Python "
+        "adapter's declaration; its evaluate is never called) or --declare (a JSON file), else every op in "
+        "every dtype with the spec's default conventions. Exit status: 0 written; 2 usage error; 3 nothing "
+        "to export.")
+    p_export.add_argument("dir", help="the directory to write (created; must be empty if it exists)")
+    declared = p_export.add_mutually_exclusive_group()
+    declared.add_argument("--adapter", help="export for what this adapter declares (numpy32 | torch | jax | "
+                          "my.module | path/to/adapter.py)")
+    declared.add_argument("--declare", help='a JSON declaration: {"name": ..., "info": {...}, "ops": {op or '
+                          '"*": {"dtypes": [...], "dialect": {...}, "gradients": true, "hparam_dtype": ..., '
+                          '"not_kept": [...], "state_dtype": ..., "takes_draws": true}}}')
+    _selection_options(p_export)
+    p_export.add_argument("--layout", choices=["npz", "npy-dir"], default="npz",
+                          help="one .npz per case (default), or a folder of .npy files per case (and "
+                          "hparams.tsv per step), which C reads without a library")
+    p_export.add_argument("--no-expected", action="store_false", dest="expected",
+                          help="leave out the oracle's expected values and bounds (about half the size)")
+    p_export.add_argument("--jobs", type=_jobs_value, default=None,
+                          help="export in N worker processes, or 'auto' (the default, or $NORMREF_JOBS)")
+    p_export.add_argument("--traceback", action="store_true",
+                          help="on an adapter that fails to load, print the whole traceback")
+    p_export.set_defaults(func=cmd_export)
+
+    p_judge = sub.add_parser(
+        "judge", help="judge a backend's results on exported golden vectors",
+        description="Judge the results a backend wrote into RESULTS for the golden vectors of DIR (`normref "
+        "export`): the verdicts, bounds, diagnoses, reports and exit status are those `normref check` gives "
+        "an adapter returning the same arrays (the check machinery runs with an adapter answering from "
+        "RESULTS, which also verifies each request is the exported one). A case without a result is ERROR "
+        "(no result). Exit status: 0 when every judged case passes; 1 on FAIL, ERROR, XPASS or CONVENTION; 2 "
+        "on a usage error (DIR not an export of this normref, RESULTS not a directory, a report path not "
+        "writable); 3 when nothing was compared.")
+    p_judge.add_argument("dir", help="the directory written by normref export")
+    p_judge.add_argument("results", help="the directory of the backend's results (see DIR/README.md)")
+    p_judge.add_argument("--xfails", help="TOML file of [[xfail]] id (regex) / reason entries")
+    p_judge.add_argument("--timeout", type=_positive(float), default=None,
+                         help="seconds per request (default: the profile's)")
+    p_judge.add_argument("--jobs", type=_jobs_value, default=None,
+                         help="judge in N worker processes, or 'auto' (the default, or $NORMREF_JOBS)")
+    _report_options(p_judge)
+    p_judge.set_defaults(func=cmd_judge)
     return parser
+
+
+def _selection_options(parser: argparse.ArgumentParser) -> None:
+    """Which cases: the options check and export share."""
+    parser.add_argument("--ops", default=None, help="regex over op names or <family>/<op> (default: all)")
+    parser.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES),
+                        help="comma-separated subset of float64,float32,float16,bfloat16 (default: all "
+                        "four; each adapter runs the ones it declares)")
+    parser.add_argument("--seed", type=_non_negative(int), default=0,
+                        help="case seed (same seed, same cases)")
+    parser.add_argument("--max-examples", type=_non_negative(int), default=None, dest="max_examples",
+                        help="seeded random cases per op (overrides the profile's count)")
+    parser.add_argument("--profile", choices=sorted(runner_profiles()), default="default")
 
 
 DEFAULT_DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -320,6 +402,7 @@ def _report_options(parser: argparse.ArgumentParser) -> None:
                         "the terminal report then goes to stderr)")
     parser.add_argument("--junit-xml", dest="junit_xml", help="write JUnit XML to this file")
     parser.add_argument("--markdown", help="write a Markdown summary (for a PR comment) to this file")
+    parser.add_argument("--html", help="write an HTML report (from the same document as --json) to this file")
 
 
 def _positive(kind: type) -> Any:
