@@ -83,16 +83,23 @@ the NumPy reference and the CPU/CUDA kernels divide (12a) by the forward's sqrt(
 eps) (the saved ``scale``), as here; the C reference (a scalar sketch without eps) calls
 ``bprop`` after ``fprop`` of the same sample and so divides by the updated sigma_t.  The clamp's
 VJP here follows the NumPy reference (zero where the output equals +-c, so also at |z| = c
-exactly); torch's ``clamp`` passes the gradient at |z| = c.  The PyTorch ``LayerScaling`` can
-group channels (``group_size``); one group (the default) is modelled.  ``Norm*dBatched`` (the
-deprecated batched form computing the same recurrences with convolutions) is not modelled.
+exactly); torch's ``clamp`` passes the gradient at |z| = c.  The NumPy ``OnlineNorm1d/2d`` pass
+``clamp_val=`` to ``ActivationClamp(clamp_value=5, **kwargs)``, so the NumPy modules always clamp
+at 5 whatever ``clamp_val`` they are given (PyTorch passes it positionally).  The PyTorch
+``LayerScaling`` can group channels (``group_size``); one group (the default) is modelled.
+``Norm*dBatched`` (the deprecated batched form computing the same recurrences with convolutions)
+is not modelled.
 
-Accuracy.  mu(x_t), sigma^2(x_t) are the accurate two-step moments of ``_stats.centered_moments``
-(offset data keep their spread); (8c) has no cancellation; x_t - mu_{t-1} is one rounding.  The
-state carried from sample to sample is float64 (the stream is N single-sample calls: tested
-bitwise), so a stream whose mean has converged to a large offset inherits the rounding of mu in
-y (|mu| u / spread: the condition of the problem, not of the algorithm).  Squares are not
-rescaled: |x - mu| below about 1e154.
+Accuracy.  sigma^2(x_t) is ``_stats.centered_moments``' accurate two-step variance, and mu(x_t)
+is kept as the unrounded pair (shift, delta) so that mu(x_t) - mu_{t-1} in (8b)-(8c) is accurate
+when the stream has converged to a large offset; (8c) adds non-negative terms only; x_t - mu_{t-1}
+is one rounding.  The state carried from sample to sample is float64 (a batch is N single-sample
+calls, bitwise: tested), so a stream whose mean has converged to a large offset inherits the
+rounding of mu in y (|mu| u / spread: the conditioning of the problem, not of the algorithm).
+The control (11) multiplies eps^(y) by 1 - (1 - a_b) <y_t, y_t> per sample: it contracts only
+while (1 - a_b) <y, y> < 2 (always with the defaults unless <y, y> > 200); beyond, the accumulator
+and every later gradient amplify rounding (and any error) exponentially.  (12) contracts by a_b
+always.  Squares are not rescaled: |x - mu| below about 1e154.
 """
 
 from __future__ import annotations
@@ -202,10 +209,10 @@ def _stream(x: Any, mean0: Any, var0: Any, axis: int, alpha_fwd: float) -> tuple
     for t in range(int(x.shape[0])):
         centers.append(m)
         variances.append(s2)
-        d = (shift[t:t + 1, ...] - m) + delta[t:t + 1, ...]          # mu(x_t) - mu_{t-1}
+        d = (shift[t:t + 1, ...] - m) + delta[t:t + 1, ...]      # mu(x_t) - mu_{t-1}
         s2 = (alpha_fwd * s2 + (1.0 - alpha_fwd) * var_x[t:t + 1, ...]
-              + alpha_fwd * (1.0 - alpha_fwd) * (d * d))         # (8c)
-        m = m + (1.0 - alpha_fwd) * d                           # (8b)
+              + alpha_fwd * (1.0 - alpha_fwd) * (d * d))             # (8c)
+        m = m + (1.0 - alpha_fwd) * d                               # (8b)
     return xp.concat(centers, axis=0), xp.concat(variances, axis=0), m, s2
 
 
@@ -242,7 +249,7 @@ def _forward(x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any
         center, variance = expand_to(running_mean, x.ndim, axis), expand_to(running_var, x.ndim, axis)
         mean, var = running_mean, running_var
     scale = xp.sqrt(variance + eps)
-    y = (x - center) / scale                                                   # (8a)
+    y = (x - center) / scale                                        # (8a)
     z = affine(y, weight, bias, axis)
     out, inv_rms = _ecm(z, ecm, ls_eps, clamp_value)
     return _Pass(y, scale, z, out, inv_rms, mean, var)
@@ -262,10 +269,10 @@ def _control(yp: Any, p: _Pass, u0: Any, v0: Any, axis: int, alpha_bkw: float) -
     dx = []
     for t in range(int(yp.shape[0])):
         y_t = p.y[t:t + 1, ...]
-        g = yp[t:t + 1, ...] - gain * v * y_t                                       # (11a)
-        v = v + _mean_over(g * y_t, S)                                         # (11b)
-        dx_t = g / p.scale[t:t + 1, ...] - gain * u                                 # (12a)
-        u = u + _mean_over(dx_t, S)                                            # (12b)
+        g = yp[t:t + 1, ...] - gain * v * y_t                       # (11a)
+        v = v + _mean_over(g * y_t, S)                              # (11b)
+        dx_t = g / p.scale[t:t + 1, ...] - gain * u                 # (12a)
+        u = u + _mean_over(dx_t, S)                                 # (12b)
         dx.append(dx_t)
     return xp.concat(dx, axis=0), xp.reshape(u, (-1,)), xp.reshape(v, (-1,))
 
