@@ -36,7 +36,7 @@ def _random_state(rng, c, *, controls=True):
 
 
 def _positions(x):
-    """<a, 1> for NCHW / NC arrays: the mean over the positions (nothing to average for NC)."""
+    """The position axes of an NCHW / NC array (none for NC): <a, b> averages over them."""
     return tuple(range(2, x.ndim))
 
 
