@@ -102,6 +102,7 @@ EXTENSIONS = {
     "_torch_": ("_torch_adaptive", "_torch_clipping", "_torch_optim", "_torch_schedules"),
     "_optax_": ("_optax_adaptive", "_optax_clipping", "_optax_large_batch", "_optax_lookahead",
                 "_optax_optim", "_optax_schedules", "_optax_sign_factored"),
+    "_keras_": ("_keras_optim",),
 }
 
 
