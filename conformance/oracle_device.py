@@ -19,6 +19,11 @@ The backend is chosen by the environment variable ``NORMREF_BACKEND`` (``numpy``
 read each time an oracle evaluation is built, so the worker processes of ``normref check --jobs``
 (spawned, they inherit the environment) use the same one.  :func:`select` is the CLI's
 ``--oracle-device cpu|cuda``: it validates the choice and sets the variable.
+
+:class:`BackendAdapter` is the oracle on a backend as an adapter, so the harness's float64 check
+judges one backend's oracle against another's with the error model every framework gets:
+``normref check conformance.oracle_device --dtypes float64`` checks the CuPy oracle against the
+NumPy one (``NORMREF_BACKEND`` unset), and the tests run the same on torch tensors on the CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BACKENDS", "DEVICES", "ENV", "Backend", "OracleDeviceError", "current", "describe", "select"]
+__all__ = ["BACKENDS", "DEVICES", "ENV", "Backend", "BackendAdapter", "OracleDeviceError", "current",
+           "describe", "make_adapter", "select"]
 
 #: The environment variable naming the oracle's array namespace.
 ENV = "NORMREF_BACKEND"
@@ -70,10 +76,12 @@ _NUMPY = Backend("numpy", "cpu", _same, _numpy_host, f"numpy {np.__version__} (c
 
 
 def _on_numpy(source: str) -> str:
-    """How to get the NumPy oracle instead, for an error about ``source``."""
+    """How to get the NumPy oracle instead, after an error about ``source``."""
     if source.startswith("--oracle-device"):
-        return "use --oracle-device cpu to run the oracle on NumPy"
-    return f"unset {ENV} (or set it to numpy) to run the oracle on NumPy"
+        return "; use --oracle-device cpu to run the oracle on NumPy"
+    if source.startswith(ENV):
+        return f"; unset {ENV} (or set it to numpy) to run the oracle on NumPy"
+    return ""
 
 
 def _cupy_backend(source: str) -> Backend:
@@ -83,16 +91,15 @@ def _cupy_backend(source: str) -> Backend:
         import cupy
     except ImportError as exc:
         raise OracleDeviceError(
-            f"{source} needs CuPy, which is not importable ({exc}); install a build matching the CUDA "
-            f"driver (pip install 'normref[cupy]' for CUDA 12), or {_on_numpy(source)}") from None
+            f"{source}: CuPy is not importable ({exc}); install the build for the CUDA driver "
+            f"(pip install 'normref[cupy]' for CUDA 12){_on_numpy(source)}") from None
     try:
         available = bool(cupy.cuda.is_available())
     except Exception:  # noqa: BLE001 - a driver or runtime that cannot even be queried: not available
         available = False
     if not available:
         raise OracleDeviceError(
-            f"{source} but no CUDA device is available (cupy.cuda.is_available() is False); "
-            f"{_on_numpy(source)}")
+            f"{source}: no CUDA device is available (cupy.cuda.is_available() is False){_on_numpy(source)}")
 
     def to_device(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         return {k: cupy.asarray(v) for k, v in arrays.items()}
@@ -147,3 +154,40 @@ def describe() -> str:
     """The current backend in words, for reports (``numpy 2.4.6 (cpu)``, ``cupy 13.3.0 on NVIDIA
     H100 80GB HBM3 (device 0)``)."""
     return current().info
+
+
+class BackendAdapter:
+    """The float64 oracle evaluated on ``backend``, as an adapter (the harness's own oracle path:
+    :func:`conformance.judge.oracle` with that backend).  Every op, float64 only, the specs'
+    default dialect."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.name = f"oracle_{backend.name}"
+
+    def info(self) -> dict[str, str]:
+        return {"framework": self.backend.name, "version": self.backend.info, "device": self.backend.device,
+                "note": "the float64 oracle on this backend"}
+
+    def ops(self) -> dict[str, Any]:
+        import reference
+        from conformance.adapters import OpSupport
+
+        return {name: OpSupport(dialect={}, dtypes=("float64",), api=f"reference on {self.backend.name}")
+                for name in reference.ops()}
+
+    def evaluate(self, op: str, request: Any) -> Any:
+        import reference
+        from conformance import judge
+        from conformance.adapters import Response
+
+        evaluate = judge.oracle(reference.get(op), request.hparams, backend=self.backend,
+                                gradients=request.cotangents is not None)
+        flat = evaluate(judge.pack(request.inputs, request.state, request.cotangents))
+        return Response(outputs=judge.unpack(flat, "outputs."), state=judge.unpack(flat, "state."),
+                        grads=judge.unpack(flat, "grads."))
+
+
+def make_adapter() -> BackendAdapter:
+    """The CuPy oracle as an adapter (:class:`OracleDeviceError` without CuPy or a CUDA device)."""
+    return BackendAdapter(_backend("cupy", "the oracle_cupy adapter (conformance.oracle_device)"))

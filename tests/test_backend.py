@@ -1,12 +1,19 @@
-"""The backend policy: float64 promotion, clear dtype errors, namespace dispatch, CuPy on a GPU."""
+"""The backend policy: float64 promotion, clear dtype errors, namespace dispatch, and the harness's
+choice of oracle backend (``NORMREF_BACKEND``, conformance/oracle_device.py).  GPU runs: tests/test_gpu.py."""
 
 from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
 import reference
-from reference._backend import Outputs, as_float64, namespace, to_numpy
+from conformance import judge, oracle_device
+from conformance.cases import default_cases
+from reference._backend import Outputs, as_float64, device, namespace, size, to_numpy
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -51,26 +58,118 @@ def test_outputs_records_promotions():
     assert to_numpy(np.ones(2)).dtype == np.float64
 
 
-def _gpu_available() -> bool:
-    try:
-        import cupy
+def test_size_and_device_of_arrays():
+    x = np.zeros((2, 3, 4))
+    assert size(x) == 24 and size(np.float64(1.0)) == 1 and device(x) == "cpu"
+    xs = pytest.importorskip("array_api_strict")
+    other = xs.Device("device1")
+    assert device(xs.asarray(x, device=other)) == other and size(xs.asarray(x)) == 24
 
-        return bool(cupy.cuda.is_available())
-    except Exception:
-        return False
+
+# --------------------------------------------------------------------------------------------
+# NORMREF_BACKEND and --oracle-device
+# --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not _gpu_available(), reason="CuPy with a CUDA device is not available")
-@pytest.mark.parametrize("name", reference.ops("normalizers"))
-def test_cupy_arrays_compute_on_the_gpu_and_match_numpy(name):
-    import cupy
+def test_numpy_is_the_default_backend(monkeypatch):
+    monkeypatch.delenv(oracle_device.ENV, raising=False)
+    assert oracle_device.current().name == "numpy"
+    for value in ("numpy", "NumPy", " numpy "):
+        monkeypatch.setenv(oracle_device.ENV, value)
+        assert oracle_device.current().name == "numpy"
 
-    from conformance.cases import default_cases
 
+def test_an_unknown_backend_is_a_value_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv(oracle_device.ENV, "jax")
+    with pytest.raises(ValueError, match=r"^NORMREF_BACKEND='jax': unknown oracle backend 'jax'; expected one "
+                                         r"of numpy, cupy$"):
+        oracle_device.current()
+    op = reference.get("layer_norm")
+    with pytest.raises(ValueError, match="NORMREF_BACKEND"):
+        judge.oracle(op, op.dialect("torch"))
+
+
+def _no_gpu_cupy() -> Any:
+    """A CuPy that imports but finds no CUDA device (a CUDA wheel on a machine without a GPU)."""
+    return SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: False), __version__="13.0.0")
+
+
+@pytest.mark.parametrize("cupy", [None, "no_gpu"], ids=["not_installed", "no_gpu"])
+def test_cupy_without_a_gpu_is_a_one_line_error_naming_the_variable(monkeypatch, cupy):
+    # None in sys.modules makes `import cupy` raise ImportError
+    monkeypatch.setitem(sys.modules, "cupy", None if cupy is None else _no_gpu_cupy())
+    monkeypatch.setenv(oracle_device.ENV, "cupy")
+    why = "CuPy is not importable" if cupy is None else r"no CUDA device is available \(cupy.cuda"
+    with pytest.raises(oracle_device.OracleDeviceError, match=rf"^NORMREF_BACKEND='cupy': {why}") as info:
+        oracle_device.current()
+    message = str(info.value)
+    assert "\n" not in message and message.endswith("unset NORMREF_BACKEND (or set it to numpy) to run the "
+                                                    "oracle on NumPy")
+    assert isinstance(info.value, ValueError)  # the CLI's configuration errors: exit 2, one line
+    monkeypatch.delenv(oracle_device.ENV)
+    with pytest.raises(oracle_device.OracleDeviceError, match=rf"^--oracle-device cuda: {why}.*--oracle-device cpu"):
+        oracle_device.select("cuda")
+    assert oracle_device.ENV not in __import__("os").environ  # nothing set when refused
+    with pytest.raises(oracle_device.OracleDeviceError, match="oracle_cupy adapter"):
+        oracle_device.make_adapter()
+
+
+def test_select_validates_and_sets_the_variable_for_worker_processes(monkeypatch):
+    monkeypatch.setenv(oracle_device.ENV, "numpy")
+    assert oracle_device.select(None).name == "numpy"
+    assert oracle_device.select("cpu").name == "numpy"
+    assert __import__("os").environ[oracle_device.ENV] == "numpy"
+    with pytest.raises(ValueError, match=r"^--oracle-device must be one of cpu, cuda, got 'gpu'$"):
+        oracle_device.select("gpu")
+    assert oracle_device.describe().startswith(f"numpy {np.__version__}")
+
+
+# --------------------------------------------------------------------------------------------
+# The harness's oracle on arrays of another device (what NORMREF_BACKEND=cupy does), on the CPU
+# --------------------------------------------------------------------------------------------
+
+
+def _strict_device_backend() -> oracle_device.Backend:
+    """array_api_strict arrays on a second device: an operation mixing devices raises, and a
+    NumPy call on them raises too, as on a GPU.  Results must come back on that device."""
+    xs = pytest.importorskip("array_api_strict")
+    other, cpu = xs.Device("device1"), xs.Device("CPU_DEVICE")
+
+    def to_device(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {k: xs.asarray(v, device=other) for k, v in arrays.items()}
+
+    def to_host(value: Any) -> np.ndarray:
+        if not (hasattr(value, "device") and value.device == other):
+            raise TypeError(f"the oracle returned {type(value).__name__} on "
+                            f"{getattr(value, 'device', 'no device')}, not an array on {other}")
+        return np.asarray(value.to_device(cpu), dtype=np.float64)
+
+    return oracle_device.Backend("strict", "device1", to_device, to_host, "array_api_strict on device1")
+
+
+@pytest.mark.parametrize("name", reference.ops())
+def test_the_harness_oracle_on_another_device_matches_numpy(name):
+    """judge.oracle with a backend whose arrays live on a second device gives the NumPy oracle's
+    values bit for bit (array_api_strict computes with NumPy): the move to the device and back is
+    exact, and every array the oracle creates is created beside its inputs (``device=``)."""
     op = reference.get(name)
-    case = default_cases(name)[0]
-    out_np, _ = op.apply(case.inputs, None, **case.hparams)
-    out_cp, _ = op.apply({k: cupy.asarray(v) for k, v in case.inputs.items()}, None, **case.hparams)
-    for key, value in out_np.items():
-        assert isinstance(out_cp[key], cupy.ndarray)
-        np.testing.assert_allclose(cupy.asnumpy(out_cp[key]), value, rtol=1e-13, atol=1e-14)
+    backend = _strict_device_backend()
+    for case in [c for c in default_cases(name) if c.size <= 20_000]:
+        rng = np.random.default_rng(0)
+        if op.spec.is_optimizer:
+            grads = {f"grads/{k}": rng.standard_normal(np.shape(v)) for k, v in case.inputs.items()}
+            inputs, cts = {**{f"params/{k}": v for k, v in case.inputs.items()}, **grads}, None
+        else:
+            out, _ = op.apply(case.inputs, None, **case.hparams)
+            inputs = case.inputs
+            cts = {k: rng.standard_normal(np.shape(v)) for k, v in out.items()} if op.spec.differentiable else None
+        state = None  # the first step creates the initial state on the device; the second reads it
+        for step in range(2 if op.spec.state else 1):
+            arrays = judge.pack(inputs, state, cts)
+            expected = judge.oracle(op, case.hparams, backend=oracle_device.current())(arrays)
+            actual = judge.oracle(op, case.hparams, backend=backend)(arrays)
+            assert expected.keys() == actual.keys()
+            for key, value in expected.items():
+                np.testing.assert_array_equal(actual[key], value, strict=True,
+                                              err_msg=f"{name} {case.name} step {step} {key}")
+            state = judge.unpack(expected, "state.")
