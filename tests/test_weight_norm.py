@@ -307,3 +307,152 @@ def test_clamp_tie_takes_the_norm_branch_like_tf_maximum_grad():
     clamped = OP.vjp({"v": v, "g": g}, None, {"w": G}, eps=25.0 * (1 + 1e-12), eps_mode="max")
     np.testing.assert_allclose(tie["v"], free["v"], rtol=1e-15)
     assert np.max(np.abs(clamped["v"] - free["v"])) > 0.05  # the projection term, 0.0624
+
+
+# --- data-dependent initialization of convolutions (Sec. 3 for conv layers) ----------------------
+
+
+def direct_conv(x, w, stride=1, padding=0, dilation=1, groups=1):
+    """NCHW / OIHW cross-correlation from its definition, one output position at a time (written
+    independently of reference/normalizers/_conv.py)."""
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    c_out, ci, kh, kw = w.shape
+    co = c_out // groups
+    h_out = (xp.shape[2] - dilation * (kh - 1) - 1) // stride + 1
+    w_out = (xp.shape[3] - dilation * (kw - 1) - 1) // stride + 1
+    y = np.zeros((x.shape[0], c_out, h_out, w_out))
+    for o in range(c_out):
+        g = o // co
+        for a in range(h_out):
+            for b in range(w_out):
+                patch = xp[:, g * ci:(g + 1) * ci, a * stride:a * stride + dilation * (kh - 1) + 1:dilation,
+                           b * stride:b * stride + dilation * (kw - 1) + 1:dilation]
+                y[:, o, a, b] = np.sum(patch * w[o], axis=(1, 2, 3))
+    return y
+
+
+conv_geometries = st.sampled_from([
+    # (n, c_in, hw, c_out, k, stride, padding, dilation, groups)
+    (4, 3, (5, 5), 4, (3, 3), 1, 1, 1, 1),
+    (3, 4, (6, 5), 6, (3, 2), 2, 0, 1, 2),
+    (2, 2, (7, 7), 3, (3, 3), 1, 2, 2, 1),
+    (5, 6, (3, 3), 6, (1, 1), 1, 0, 1, 3),
+])
+
+
+@pytest.mark.checks("conv_data_dependent_init_standardizes_preactivations")
+@given(seed=st.integers(0, 2**32 - 1), geo=conv_geometries, layout=st.sampled_from(["torch", "tf"]),
+       init_scale=st.sampled_from([1.0, 0.1]))
+def test_conv_data_dependent_init_standardizes_preactivations(seed, geo, layout, init_scale):
+    """Sec. 3 on a conv layer: with g = s / sigma(t), b = -mu(t) s / sigma(t), t = conv(x, v / ||v||)
+    (one norm per output channel), the layer y = conv(x, g v / ||v||) + b has mean 0 and standard
+    deviation s per output channel over (N, H_out, W_out), in PyTorch's (OIHW, NCHW) and
+    TensorFlow's (HWIO, NHWC) layouts; the TF layout is the PyTorch one transposed."""
+    rng = np.random.default_rng(seed)
+    n, c_in, hw, c_out, k, stride, padding, dilation, groups = geo
+    v = rng.standard_normal((c_out, c_in // groups, *k)) * rng.uniform(0.1, 10)
+    x = rng.standard_normal((n, c_in, *hw)) + rng.standard_normal((1, c_in, 1, 1)) * 3
+    conv_hp = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    if layout == "torch":
+        g, b = data_dependent_init(v, x, dim=0, init_scale=init_scale, **conv_hp)
+        assert g.shape == (c_out, 1, 1, 1) and b.shape == (c_out,)
+        w = weight_norm(v, g, dim=0)
+    else:
+        g, b = data_dependent_init(v.transpose(2, 3, 1, 0), x.transpose(0, 2, 3, 1), dim=-1,
+                                   init_scale=init_scale, **conv_hp)
+        assert g.shape == (1, 1, 1, c_out) and b.shape == (c_out,)
+        w = weight_norm(v.transpose(2, 3, 1, 0), g, dim=-1).transpose(3, 2, 0, 1)
+        g_torch, b_torch = data_dependent_init(v, x, dim=0, init_scale=init_scale, **conv_hp)
+        np.testing.assert_allclose(g.reshape(-1), g_torch.reshape(-1), rtol=1e-13)
+        np.testing.assert_allclose(b, b_torch, rtol=1e-13, atol=1e-13)
+    y = direct_conv(x, w, **conv_hp) + b.reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-13 * init_scale)
+    np.testing.assert_allclose(y.std(axis=(0, 2, 3)), init_scale, rtol=1e-12)
+
+
+@pytest.mark.checks("conv_data_init_on_1x1_equals_linear")
+@pytest.mark.parametrize("dim", [0, -1])
+def test_conv_data_init_on_1x1_equals_linear(dim):
+    """A 1x1 convolution (stride 1, no padding) is the linear layer applied to every pixel: its
+    (g, b) equal the linear init of v reshaped to (out, in) on the N H W pixels as rows."""
+    v = RNG.standard_normal((5, 3, 1, 1))
+    x = RNG.standard_normal((4, 3, 6, 7)) * 2 - 1
+    rows = x.transpose(0, 2, 3, 1).reshape(-1, 3)
+    g_lin, b_lin = data_dependent_init(v.reshape(5, 3), rows, dim=0, eps=1e-3)
+    if dim == 0:
+        g, b = data_dependent_init(v, x, dim=0, eps=1e-3)
+    else:
+        g, b = data_dependent_init(v.transpose(2, 3, 1, 0), x.transpose(0, 2, 3, 1), dim=-1, eps=1e-3)
+    np.testing.assert_allclose(g.reshape(-1), g_lin.reshape(-1), rtol=1e-13)
+    np.testing.assert_allclose(b, b_lin, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize(("k", "init_scale"), [(3, 1.0), (5, 0.1), (1, 1.0)])
+def test_conv_data_init_matches_pixel_cnn_conv2d_restated_in_torch(k, init_scale):
+    """openai/pixel-cnn pixel_cnn_pp/nn.py conv2d's init pass (TensorFlow is not installed; its
+    lines restated in torch float64): V (HWIO) normalized by tf.nn.l2_normalize(V, [0, 1, 2])
+    (V rsqrt(max(sum V^2, 1e-12))), conv with padding 'SAME' (stride 1, odd k: k // 2 on each
+    side) of an NHWC batch, tf.nn.moments over [0, 1, 2] (biased), scale_init = init_scale /
+    sqrt(v_init + 1e-10), g = scale_init, b = -m_init scale_init."""
+    torch = torch_or_skip()
+    V = RNG.standard_normal((k, k, 3, 4)) * 0.05
+    x = RNG.standard_normal((6, 5, 5, 3)) + 0.5
+    tV = t64(V)
+    V_norm = tV * torch.rsqrt(torch.clamp((tV * tV).sum(dim=(0, 1, 2), keepdim=True), min=1e-12))
+    t = torch.nn.functional.conv2d(t64(x).permute(0, 3, 1, 2), V_norm.permute(3, 2, 0, 1), padding=k // 2)
+    t = t.permute(0, 2, 3, 1)                                        # NHWC
+    m_init, v_init = t.mean(dim=(0, 1, 2)), t.var(dim=(0, 1, 2), unbiased=False)
+    scale_init = init_scale / torch.sqrt(v_init + 1e-10)
+    g, b = data_dependent_init(V, x, dim=-1, init_scale=init_scale, eps=1e-10, padding=k // 2)
+    np.testing.assert_allclose(g.reshape(-1), scale_init.numpy(), rtol=1e-13)
+    np.testing.assert_allclose(b, (-m_init * scale_init).numpy(), rtol=1e-13, atol=1e-15)
+
+
+def _tfa_data_init(v_hwio, x_nhwc, bias0):
+    """tensorflow-addons WeightNormalization(data_init=True)._data_dep_init, restated (tfa 0.23.0,
+    the last release, is deprecated and needs TensorFlow, which is not installed): moments of the
+    wrapped layer run with the *raw* kernel v and its initial bias (``_naked_clone_layer`` with
+    ``self.layer.get_weights()``), ``scale_init = 1 / sqrt(v_init + 1e-10)``, g = 1 * scale_init,
+    bias = -m_init * scale_init."""
+    t = direct_conv(x_nhwc.transpose(0, 3, 1, 2), v_hwio.transpose(3, 2, 0, 1)) + bias0.reshape(1, -1, 1, 1)
+    m, var = t.mean(axis=(0, 2, 3)), t.var(axis=(0, 2, 3))
+    scale = 1 / np.sqrt(var + 1e-10)
+    return scale, -m * scale
+
+
+def test_tensorflow_addons_data_init_standardizes_only_unit_norm_kernels():
+    """Finding: tfa's data init takes the moments of conv(x, v) (+ the initial bias) instead of
+    conv(x, v / ||v||), so after it the layer conv(x, g v / ||v||) + b has per-channel standard
+    deviation 1 / ||v_o|| (and mean -mu (1 - 1/||v_o||) / sigma without the initial bias), not 1.
+    It agrees with the paper (and the oracle, eps 1e-10) only when every slice of v has unit norm,
+    as in its own test (an identity kernel)."""
+    v = RNG.standard_normal((3, 3, 2, 4)) * 0.05                     # HWIO, Glorot-like scale
+    x = RNG.standard_normal((8, 6, 6, 2)) + 1.0
+    norms = np.sqrt(np.sum(v * v, axis=(0, 1, 2)))
+    g_tfa, b_tfa = _tfa_data_init(v, x, np.zeros(4))
+    w = weight_norm(v, g_tfa.reshape(1, 1, 1, -1), dim=-1)
+    y = direct_conv(x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)) + b_tfa.reshape(1, -1, 1, 1)
+    raw_var = direct_conv(x.transpose(0, 3, 1, 2), v.transpose(3, 2, 0, 1)).var(axis=(0, 2, 3))
+    np.testing.assert_allclose(y.std(axis=(0, 2, 3)), np.sqrt(raw_var / (raw_var + 1e-10)) / norms, rtol=1e-12)
+    assert np.all(np.abs(y.std(axis=(0, 2, 3)) - 1) > 0.5)          # ||v_o|| ~ 0.2: far from 1
+    g, b = data_dependent_init(v, x, dim=-1, eps=1e-10)
+    unit = v / norms                                                 # every slice of norm 1
+    g_unit, b_unit = _tfa_data_init(unit, x, np.zeros(4))
+    g_ref, b_ref = data_dependent_init(unit, x, dim=-1, eps=1e-10)
+    np.testing.assert_allclose(g_unit, g_ref.reshape(-1), rtol=1e-12)
+    np.testing.assert_allclose(b_unit, b_ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(g_ref, g, rtol=1e-12)                # the oracle ignores ||v||
+
+
+def test_bad_conv_init_arguments_raise_clear_errors():
+    v, x = np.ones((4, 3, 3, 3)), RNG.standard_normal((2, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"a 4-D v is a conv weight with its output channels on axis 0 .* got dim=1"):
+        data_dependent_init(v, x, dim=1)
+    with pytest.raises(ValueError, match=r"stride, padding, dilation and groups are a convolution's \(a 4-D v\)"):
+        data_dependent_init(np.ones((2, 3)), np.ones((5, 3)), padding=1)
+    with pytest.raises(ValueError, match=r"v must have C_in / groups = 2 / 1 = 2 input channels on axis 1"):
+        data_dependent_init(v, x[:, :2], dim=0)
+    with pytest.raises(ValueError, match=r"x must have 4 dimensions, got 3"):
+        data_dependent_init(v, x[0], dim=0)
+    with pytest.raises(ValueError, match=r"the kernel 3x3 with dilation 3 does not fit in the input 5x5"):
+        data_dependent_init(v, x, dilation=3)

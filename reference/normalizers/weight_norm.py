@@ -24,7 +24,8 @@ Conventions (dialects.md §3a):
   torch's ``dim=-1`` maps to ``dim=None``.
 * Initial ``g`` (:func:`init_g`): PyTorch sets ``g = ||v||`` so that ``w == v`` at registration;
   Flax initializes its ``scale`` to ones, so the function changes when the wrapper is applied.
-  The paper's data-dependent initialization (Sec. 3) is :func:`data_dependent_init`.
+  The paper's data-dependent initialization (Sec. 3) is :func:`data_dependent_init`, for linear
+  and 2-D convolutional layers.
 
 Backward (Eq. 3-4, generalized to eps).  Let ``s`` be the slice's denominator and
 ``v_hat = v / s``.  For ``eps_mode="add"``, ``ds/dv = v / s`` (also when eps > 0, since
@@ -52,6 +53,7 @@ from typing import Any
 
 from reference._backend import as_float64, device, namespace
 from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axis
+from reference.normalizers._conv import conv2d, geometry
 from reference.normalizers._stats import centered_moments, l2_norm, other_axes
 from reference.registry import oracle_function, oracle_vjp
 
@@ -168,50 +170,65 @@ def init_g(v: Any, *, dim: int | None = 0, mode: str = "norm") -> Any:
 
 
 def data_dependent_init(
-    v: Any, x: Any, *, dim: int = 0, init_scale: float = 1.0, eps: float = 0.0
+    v: Any, x: Any, *, dim: int = 0, init_scale: float = 1.0, eps: float = 0.0, stride: int = 1,
+    padding: int = 0, dilation: int = 1, groups: int = 1,
 ) -> tuple[Any, Any]:
-    """The paper's data-dependent initialization of a weight-normalized *linear* layer (Sec. 3).
+    """The paper's data-dependent initialization (Sec. 3) of a weight-normalized linear or 2-D
+    convolutional layer: ``(g, b)`` such that the initialized layer's pre-activations on the
+    minibatch ``x`` have mean 0 and standard deviation ``init_scale`` per output unit.
 
-    For a minibatch ``x`` of shape ``(..., in)`` and a 2-D direction ``v`` whose output axis is
-    ``dim`` (0 for PyTorch's ``(out, in)``, 1 or -1 for an ``(in, out)`` kernel), compute the
-    pre-activations with unit-norm weights, ``t = x . v / ||v||`` (shape ``(..., out)``), their
-    per-unit mean ``mu`` and *biased* standard deviation ``sigma = sqrt(var + eps)`` over every
-    axis but the last, and return ``(g, b)`` with
+    With unit-norm weights the pre-activation is ``t = x . v / ||v||`` (linear) or
+    ``t = conv(x, v / ||v||)`` (one norm per output channel, over its input channels and kernel
+    taps); ``mu`` and the *biased* ``sigma = sqrt(var + eps)`` are taken per output unit over every
+    other axis of ``t`` (the batch for a linear layer; batch and both spatial axes for a conv), and
 
         g = init_scale / sigma,    b = -mu * init_scale / sigma
 
-    so that the initialized layer ``y = g * t + b = init_scale * (t - mu) / sigma`` has, on this
-    batch, mean 0 and standard deviation ``init_scale`` per unit.  ``g`` has the shape
-    :func:`weight_norm` expects for ``dim`` (``(out, 1)`` or ``(1, out)``), ``b`` is ``(out,)``.
+    so that ``y = g * t + b = init_scale * (t - mu) / sigma``.  ``b`` is ``(out,)``; ``g`` has the
+    shape :func:`weight_norm` expects for ``dim``.
 
-    Checked against the official code: openai/pixel-cnn ``pixel_cnn_pp/nn.py::dense`` (commit
-    0ff8ab5): ``V_norm = l2_normalize(V, [0])``, ``m, v = tf.nn.moments(x @ V_norm, [0])``
+    Linear (2-D ``v``): ``x`` is ``(..., in)``; ``dim`` is v's output axis, 0 for PyTorch's
+    ``(out, in)``, 1 or -1 for an ``(in, out)`` kernel.  ``g`` is ``(out, 1)`` or ``(1, out)``.
+
+    Convolution (4-D ``v``, ``reference/normalizers/_conv.py``: ``stride``, zero ``padding``,
+    ``dilation``, ``groups``): ``dim=0`` is PyTorch's layout, v ``(out, in / groups, kh, kw)`` and
+    x ``(N, C_in, H, W)``, g ``(out, 1, 1, 1)``; ``dim=-1`` (or 3) is TensorFlow's, v
+    ``(kh, kw, in / groups, out)`` (HWIO) and x ``(N, H, W, C_in)``, g ``(1, 1, 1, out)``.  On a
+    1x1 convolution with stride 1 and no padding this is the linear case over the N H W pixels.
+
+    Checked against the official code.  Linear: openai/pixel-cnn ``pixel_cnn_pp/nn.py::dense``
+    (commit 0ff8ab5): ``V_norm = l2_normalize(V, [0])``, ``m, v = tf.nn.moments(x @ V_norm, [0])``
     (biased), ``scale_init = init_scale / sqrt(v + 1e-10)``, ``g = scale_init``,
-    ``b = -m * scale_init`` (its conv layers use eps 1e-8); openai/weightnorm ``lasagne/nn.py``
-    (commit 55917c3): ``g <- g / stdv``, ``b <- -m / stdv`` with ``stdv = sqrt(mean((t - m)^2))``
-    (no eps) starting from g = 1; ``keras/weightnorm.py::data_based_init``: eps 1e-10.  For a
-    convolution, ``t`` is the convolution with ``v / ||v||`` and the moments run over batch and
-    space; that case is not covered here.
+    ``b = -m * scale_init``; openai/weightnorm ``lasagne/nn.py`` (commit 3503e68):
+    ``g <- g / stdv``, ``b <- -m / stdv`` with ``stdv = sqrt(mean((t - m)^2))`` (no eps) starting
+    from g = 1; ``keras/weightnorm.py::data_based_init``: eps 1e-10.  Convolution: pixel-cnn
+    ``conv2d`` (NHWC, HWIO ``V``, ``l2_normalize(V, [0, 1, 2])``, moments over ``[0, 1, 2]``, eps
+    1e-8 at commit 0ff8ab5, 1e-10 at bbc1568 where the init pass runs the layer with g = 1, b = 0
+    and then assigns ``g *= scale_init``, ``b += -m_init * scale_init``: the same values); lasagne
+    ``WeightNormLayer`` (moments over axes (0, 2, 3) of an NCHW conv output, W normalized over
+    (1, 2, 3)).  tensorflow-addons ``WeightNormalization(data_init=True)`` differs: it takes the
+    moments of the wrapped layer run with the *unnormalized* kernel v and its initial bias
+    (``_naked_clone_layer`` with ``self.layer.get_weights()``) and sets ``g = 1 / sigma``,
+    ``b = -mu / sigma`` from them, so its initialized layer is standardized only when every
+    slice of v has unit norm (its own test uses an identity kernel).
     """
     v, _ = as_float64(v, "v", op=OP)
     x, _ = as_float64(x, "x", op=OP)
     xp = namespace(v, x)
-    check_ndim(OP, "v", v, min_ndim=2, max_ndim=2)
-    check_ndim(OP, "x", x, min_ndim=1)
     check_nonempty(OP, "v", v)
     check_nonempty(OP, "x", x)
     if not init_scale > 0:
         fail(OP, f"data_dependent_init: init_scale must be > 0, got {init_scale}")
     if not eps >= 0:
         fail(OP, f"data_dependent_init: eps must be >= 0, got {eps}")
-    out_axis = normalize_axis(OP, "dim", dim, 2)
-    in_axis = 1 - out_axis
-    if int(x.shape[-1]) != int(v.shape[in_axis]):
-        fail(OP, f"x has {int(x.shape[-1])} features on its last axis but v has "
-                 f"{int(v.shape[in_axis])} inputs on axis {in_axis} (dim={dim} is the output axis)")
-    v_hat, _, _ = _direction(v, (in_axis,), 0.0, "add")
-    kernel = v_hat if out_axis == 1 else xp.permute_dims(v_hat, (1, 0))   # (in, out)
-    t = xp.reshape(xp.matmul(x, kernel), (-1, int(kernel.shape[1])))
+    if v.ndim == 4:
+        t, out_axis = _conv_preactivations(xp, v, x, dim, stride, padding, dilation, groups)
+    else:
+        check_ndim(OP, "v", v, min_ndim=2, max_ndim=2)
+        if (stride, padding, dilation, groups) != (1, 0, 1, 1):
+            fail(OP, f"data_dependent_init: stride, padding, dilation and groups are a convolution's "
+                     f"(a 4-D v); v has shape {tuple(v.shape)}")
+        t, out_axis = _linear_preactivations(xp, v, x, dim)
     mu, _, var = centered_moments(t, (0,))
     sigma = xp.sqrt(var + eps)
     if bool(xp.any(sigma == 0)):
@@ -219,4 +236,37 @@ def data_dependent_init(
                  "(sigma = 0); use a batch with more variety or eps > 0")
     g = init_scale / sigma                                                # (1, out)
     b = xp.reshape(-mu * g, (-1,))
-    return (g if out_axis == 1 else xp.permute_dims(g, (1, 0))), b
+    shape = [1] * v.ndim
+    shape[out_axis] = int(v.shape[out_axis])
+    return xp.reshape(g, tuple(shape)), b
+
+
+def _linear_preactivations(xp: Any, v: Any, x: Any, dim: int) -> tuple[Any, int]:
+    """``(t, out_axis)``: the pre-activations ``x . v / ||v||`` as (pixels, out)."""
+    check_ndim(OP, "x", x, min_ndim=1)
+    out_axis = normalize_axis(OP, "dim", dim, 2)
+    in_axis = 1 - out_axis
+    if int(x.shape[-1]) != int(v.shape[in_axis]):
+        fail(OP, f"x has {int(x.shape[-1])} features on its last axis but v has "
+                 f"{int(v.shape[in_axis])} inputs on axis {in_axis} (dim={dim} is the output axis)")
+    v_hat, _, _ = _direction(v, (in_axis,), 0.0, "add")
+    kernel = v_hat if out_axis == 1 else xp.permute_dims(v_hat, (1, 0))   # (in, out)
+    return xp.reshape(xp.matmul(x, kernel), (-1, int(kernel.shape[1]))), out_axis
+
+
+def _conv_preactivations(xp: Any, v: Any, x: Any, dim: int, stride: int, padding: int, dilation: int,
+                         groups: int) -> tuple[Any, int]:
+    """``(t, out_axis)``: the pre-activations ``conv(x, v / ||v||)`` as (pixels, out)."""
+    out_axis = normalize_axis(OP, "dim", dim, 4)
+    if out_axis not in (0, 3):
+        fail(OP, f"data_dependent_init: a 4-D v is a conv weight with its output channels on axis 0 "
+                 f"(PyTorch, (out, in / groups, kh, kw), x NCHW) or -1 (TensorFlow HWIO, x NHWC), "
+                 f"got dim={dim}")
+    check_ndim(OP, "x", x, min_ndim=4, max_ndim=4)
+    if out_axis == 3:                                     # HWIO / NHWC -> OIHW / NCHW
+        v, x = xp.permute_dims(v, (3, 2, 0, 1)), xp.permute_dims(x, (0, 3, 1, 2))
+    geo = geometry(OP, x, v, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                   weight_name="v")
+    v_hat, _, _ = _direction(v, (1, 2, 3), 0.0, "add")
+    t = conv2d(x, v_hat, geo)                             # (N, out, Ho, Wo)
+    return xp.reshape(xp.permute_dims(t, (0, 2, 3, 1)), (-1, geo.c_out)), out_axis
