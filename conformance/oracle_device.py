@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BACKENDS", "DEVICES", "ENV", "Backend", "BackendAdapter", "OracleDeviceError", "current",
-           "describe", "make_adapter", "select"]
+__all__ = ["BACKENDS", "DEVICES", "ENV", "Backend", "BackendAdapter", "OracleDeviceError", "cupy_backend",
+           "current", "describe", "make_adapter", "select"]
 
 #: The environment variable naming the oracle's array namespace.
 ENV = "NORMREF_BACKEND"
@@ -188,6 +188,12 @@ class BackendAdapter:
                         grads=judge.unpack(flat, "grads."))
 
 
+def cupy_backend(source: str) -> Backend:
+    """The CuPy backend whatever ``NORMREF_BACKEND`` says; :class:`OracleDeviceError` naming
+    ``source`` (who asks) without CuPy or a CUDA device."""
+    return _backend("cupy", source)
+
+
 def make_adapter() -> BackendAdapter:
     """The CuPy oracle as an adapter (:class:`OracleDeviceError` without CuPy or a CUDA device)."""
-    return BackendAdapter(_backend("cupy", "the oracle_cupy adapter (conformance.oracle_device)"))
+    return BackendAdapter(cupy_backend("the oracle_cupy adapter (conformance.oracle_device)"))
