@@ -82,10 +82,12 @@ def test_info_names_framework_version_and_device(adapter):
     assert all(isinstance(v, str) for v in info.values())
 
 
-#: The normalizers torch (or timm, for weight standardization) ships, and Ghost BN as torch users
-#: build it (BatchNorm per chunk); PowerNorm and EvoNorm have no torch layer.
-TORCH_NORMALIZERS = ["batch_norm", "ghost_batch_norm", "group_norm", "instance_norm", "l2_normalize",
-                     "layer_norm", "rms_norm", "spectral_norm", "weight_norm", "weight_standardization"]
+#: The normalizers torch (or timm, for weight standardization) ships, Ghost BN as torch users
+#: build it (BatchNorm per chunk) and ConvBN blocks (Conv2d + BatchNorm2d, Inductor's Tune-mode
+#: fold, the fused conv); PowerNorm and EvoNorm have no torch layer.
+TORCH_NORMALIZERS = ["batch_norm", "conv_bn", "ghost_batch_norm", "group_norm", "instance_norm",
+                     "l2_normalize", "layer_norm", "rms_norm", "spectral_norm", "weight_norm",
+                     "weight_standardization"]
 
 
 def test_every_core_normalizer_in_every_dtype(adapter):

@@ -16,6 +16,11 @@ spectral_norm            ``parametrizations.spectral_norm`` on a holder module, 
                          the state
 weight_standardization   timm ``StdConv2d``: ``F.batch_norm(w.reshape(1, out, -1), None, None,
                          training=True, momentum=0., eps)``
+conv_bn                  ``nn.Conv2d`` then ``nn.BatchNorm2d`` (Train, Eval); Tune: torch
+                         Inductor's ``efficient_conv_bn_eval(bn, conv, x)`` (the fold on the fly,
+                         differentiated by autograd) while the BN is in eval mode; Deploy: an
+                         ``nn.Conv2d`` holding the folded W', b' (what ``fuse_conv_bn_eval``
+                         returns)
 =======================  ====================================================================
 
 Conventions.  ``ops()`` declares, per op (``MAPPINGS[op].dialect``), the values of the spec's
@@ -325,6 +330,44 @@ def weight_standardization(c: _Call) -> Response:
     return c.finish({"w_hat": torch.movedim(w_hat, 0, axis)})
 
 
+def conv_bn(c: _Call) -> Response:
+    """A ConvBN block as torch users run it: ``nn.Conv2d`` then ``nn.BatchNorm2d`` (Train, Eval);
+    Tune as torch Inductor's ``efficient_conv_bn_eval`` pass calls it (mmcv's and the official
+    code's formula: the fold on the fly, autograd through it), only while the BN is in eval mode;
+    Deploy as the ``nn.Conv2d`` that ``fuse_conv_bn_eval`` returns, whose parameters are W', b'."""
+    stride, padding = c.take("stride"), c.take("padding")
+    dilation, groups = c.take("dilation"), c.take("groups")
+    training, fold, eps, momentum = c.take("training"), c.take("fold"), c.take("eps"), c.take("momentum")
+    x, weight, bias = c.input("x"), c.input("weight", parameter=True), c.input("bias", parameter=True)
+    c_out, c_group, kh, kw = (int(s) for s in weight.shape)
+    conv = nn.Conv2d(c_group * groups, c_out, (kh, kw), stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, bias=bias is not None, device=c.device, dtype=c.dtype)
+    conv.weight = weight
+    if bias is not None:
+        conv.bias = bias
+    if fold == "deploy":   # training has no effect: a deployed block has no BN left
+        y = conv(x)
+        c.check_all_read("conv_bn")
+        return c.finish({"y": y}, {})
+    bn = nn.BatchNorm2d(c_out, eps=eps, momentum=momentum, affine=False, device=c.device, dtype=c.dtype)
+    bn.weight, bn.bias = c.input("bn_weight", parameter=True), c.input("bn_bias", parameter=True)
+    for name in ("running_mean", "running_var"):
+        setattr(bn, name, c.state(name))
+    bn.num_batches_tracked = torch.tensor(c.count(), dtype=torch.long, device=c.device)
+    bn.train(training)
+    conv.train(training)
+    if fold == "tune" and not training:
+        from torch._inductor.fx_passes.efficient_conv_bn_eval import efficient_conv_bn_eval
+
+        y = efficient_conv_bn_eval(bn, conv, x)
+    else:
+        y = _single_value_guard(lambda: bn(conv(x)))
+    state = {"running_mean": bn.running_mean, "running_var": bn.running_var,
+             "num_batches_tracked": float(bn.num_batches_tracked.item())}
+    c.check_all_read("conv_bn")
+    return c.finish({"y": y}, state)
+
+
 #: The eight normalizers: each mapping with the convention knobs torch follows (the specs' ``torch``
 #: dialect tables without their layout and numeric entries; weight standardization: timm's
 #: StdConv2d), the torch call, and the state torch does not keep (supplied by the harness, not
@@ -361,6 +404,10 @@ MAPPINGS: dict[str, Mapping] = {
         weight_standardization, dtypes=DTYPES,
         api="timm StdConv2d: F.batch_norm(w.reshape(1, out, -1), training=True)",
         dialect={"correction": 0, "eps_mode": "add_var"}),
+    "conv_bn": Mapping(
+        conv_bn, dtypes=DTYPES,
+        api="nn.Conv2d + nn.BatchNorm2d; Tune: torch._inductor efficient_conv_bn_eval; "
+            "Deploy: the fused nn.Conv2d"),
 }
 
 
