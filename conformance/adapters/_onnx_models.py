@@ -84,7 +84,7 @@ from conformance.adapters import HyperParameters, OpSupport, Request, Response, 
 from conformance.adapters.mapping import Mapping, OptimizerRequest
 
 __all__ = ["MAPPINGS", "STEP_COUNTS", "TRAINING_DOMAIN", "Node", "OnnxCall", "OnnxStep", "Runner",
-           "build_model", "declared", "probe_nodes"]
+           "build_model", "declared", "probe_nodes", "runs"]
 
 #: The domain of ONNX's optimizer operators.
 TRAINING_DOMAIN = "ai.onnx.preview.training"
@@ -123,7 +123,10 @@ def opset_for(op_type: str, version: int | None, max_opset: int) -> int:
     import onnx
 
     for opset in range(max_opset, 0, -1):
-        since = onnx.defs.get_schema(op_type, opset).since_version
+        try:
+            since = onnx.defs.get_schema(op_type, opset).since_version
+        except onnx.defs.SchemaError:   # not in the installed onnx (RMSNormalization before 1.18)
+            break
         if version is None or since == version:
             return opset
         if since < version:
@@ -582,6 +585,17 @@ def evaluate(op: str, request: Request, runner: Runner, framework: str,
     if op in OPTIMIZERS:
         return mapping.fn(OnnxStep(request, runner, framework, step_count))
     return mapping.fn(OnnxCall(request, runner, framework))
+
+
+def runs(runner: Runner, op: str, dtype: str) -> bool:
+    """Whether ``runner`` runs every ONNX operator ``op`` maps to in ``dtype`` (its
+    :func:`probe_nodes`): how the adapters find what they declare."""
+    try:
+        for node, feeds in probe_nodes(op, dtype):
+            runner(node, feeds)
+    except Exception:   # no kernel or no schema (Unsupported), or one that fails: not declared
+        return False
+    return True
 
 
 def probe_nodes(op: str, dtype: str) -> list[tuple[Node, dict[str, np.ndarray]]]:

@@ -8,10 +8,11 @@ per-op table and the ONNX conventions are documented), plus the training operato
 (``gradients=False``), float32 attributes (``hparam_dtype="float32"``).
 
 Dtypes: what each operator's ONNX type constraints allow among float64, float32 and float16
-(the training operators: float and double).  The evaluator computes with NumPy in the input's
-dtype (it has no kernels to miss); its results are judged like any framework's.  Each model and
-its evaluator are built once per (operator, dtypes, shapes, attributes).  Models import the
-installed onnx's highest opset.
+(the training operators: float and double), an op declared where its operators run in the
+installed onnx (found by trying, as the onnxruntime adapter does).  The evaluator computes with
+NumPy in the input's dtype; its results are judged like any framework's.  Each model and its
+evaluator are built once per (operator, dtypes, shapes, attributes).  Models import the installed
+onnx's highest opset.
 
 ``make_adapter(step_count="one_based")`` passes the training operators ``T`` = the 1-based
 number of this step instead of the steps taken before it (see ``_onnx_models.py``): the
@@ -27,7 +28,15 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 
 from conformance.adapters import OpSupport, Request, Response, Unsupported
-from conformance.adapters._onnx_models import MAPPINGS, STEP_COUNTS, Node, build_model, declared, evaluate
+from conformance.adapters._onnx_models import (
+    MAPPINGS,
+    STEP_COUNTS,
+    Node,
+    build_model,
+    declared,
+    evaluate,
+    runs,
+)
 
 __all__ = ["OnnxReferenceAdapter", "make_adapter"]
 
@@ -41,6 +50,7 @@ class OnnxReferenceAdapter:
         self.step_count = step_count
         self.max_opset = onnx.defs.onnx_opset_version()
         self._evaluators: dict[Node, Any] = {}
+        self._dtypes: dict[str, tuple[str, ...]] | None = None
 
     def run(self, node: Node, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The node's outputs for ``feeds`` (the evaluator built once per node)."""
@@ -58,12 +68,15 @@ class OnnxReferenceAdapter:
         return info
 
     def ops(self) -> dict[str, OpSupport]:
-        return {op: declared(op, mapping.dtypes, self.step_count) for op, mapping in MAPPINGS.items()}
+        if self._dtypes is None:   # what the installed onnx has (RMSNormalization needs opset 23)
+            self._dtypes = {op: tuple(dt for dt in mapping.dtypes if runs(self.run, op, dt))
+                            for op, mapping in MAPPINGS.items()}
+        return {op: declared(op, dtypes, self.step_count) for op, dtypes in self._dtypes.items() if dtypes}
 
     def evaluate(self, op: str, request: Request) -> Response:
-        mapping = MAPPINGS.get(op)
-        if mapping is not None and request.dtype not in mapping.dtypes:
-            raise Unsupported(f"ONNX's {mapping.api} does not take {request.dtype}")
+        support = self.ops().get(op)
+        if support is not None and request.dtype not in support.dtypes:
+            raise Unsupported(f"ONNX's {support.api} does not take {request.dtype}")
         return evaluate(op, request, self.run, "onnx_reference", self.step_count)
 
 

@@ -50,7 +50,7 @@ from conformance.adapters._onnx_models import (
     build_model,
     declared,
     evaluate,
-    probe_nodes,
+    runs,
 )
 
 __all__ = ["OnnxRuntimeAdapter", "make_adapter"]
@@ -140,14 +140,6 @@ class OnnxRuntimeAdapter:
         """The node's outputs for ``feeds`` (the session built once per node)."""
         return self._session(node).run([name for name, _, _ in node.outputs], feeds)
 
-    def _works(self, op: str, dtype: str) -> bool:
-        try:
-            for node, feeds in probe_nodes(op, dtype):
-                self.run(node, feeds)
-        except Exception:   # no kernel (Unsupported), or a kernel that fails: not declared
-            return False
-        return True
-
     # the protocol ---------------------------------------------------------------------------
 
     def info(self) -> dict[str, str]:
@@ -161,7 +153,7 @@ class OnnxRuntimeAdapter:
     def ops(self) -> dict[str, OpSupport]:
         if self._dtypes is None:
             self._dtypes = {op: tuple(dt for dt in CANDIDATE_DTYPES
-                                      if dt in MAPPINGS[op].dtypes and self._works(op, dt))
+                                      if dt in MAPPINGS[op].dtypes and runs(self.run, op, dt))
                             for op in MAPPINGS}
         return {op: declared(op, dtypes, self.step_count) for op, dtypes in self._dtypes.items() if dtypes}
 
