@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,jax,refs]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,jax,refs,onnx]"
