@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference._common import check_ndim, check_nonempty, fail
 
 __all__ = ["ConvGeometry", "conv2d", "conv2d_vjp", "geometry"]
@@ -105,7 +105,7 @@ def _slab(v: Any, axis: int, start: int, stop: int, step: int = 1) -> Any:
 def _zeros_like_on(xp: Any, v: Any, axis: int, size: int) -> Any:
     shape = list(v.shape)
     shape[axis] = size
-    return xp.zeros(tuple(shape), dtype=v.dtype)
+    return xp.zeros(tuple(shape), dtype=v.dtype, device=device(v))
 
 
 def _pad(xp: Any, v: Any, axis: int, before: int, after: int) -> Any:

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference._common import check_shape, fail
 from reference.normalizers import batch_norm as _bn
 from reference.normalizers._conv import ConvGeometry, conv2d, conv2d_vjp, geometry
@@ -119,9 +119,10 @@ def init_state(weight: Any, *, fold: str = "tune") -> dict[str, Any]:
     if weight.ndim != 4:
         fail(OP, f"weight must have 4 dimensions (C_out, C_in / groups, kh, kw), got shape "
                  f"{tuple(weight.shape)}")
-    c = int(weight.shape[0])
-    return {"running_mean": xp.zeros((c,), dtype=xp.float64), "running_var": xp.ones((c,), dtype=xp.float64),
-            "num_batches_tracked": xp.asarray(0.0, dtype=xp.float64)}
+    c, on = int(weight.shape[0]), device(weight)   # beside the weight: the state meets its channels
+    return {"running_mean": xp.zeros((c,), dtype=xp.float64, device=on),
+            "running_var": xp.ones((c,), dtype=xp.float64, device=on),
+            "num_batches_tracked": xp.asarray(0.0, dtype=xp.float64, device=on)}
 
 
 def fold_conv_bn(weight: Any, bias: Any, bn_weight: Any, bn_bias: Any, running_mean: Any,
@@ -192,7 +193,7 @@ def conv_bn(
         return _conv_out(x, weight, bias, geo), {}
     state = {"running_mean": running_mean, "running_var": running_var,
              "num_batches_tracked": num_batches_tracked if num_batches_tracked is not None
-             else xp.asarray(0.0, dtype=x.dtype)}
+             else xp.asarray(0.0, dtype=x.dtype, device=device(x))}
     if fold == "tune" and not training:                     # Tune: fold on the fly, one conv
         w_fold, b_fold = fold_conv_bn(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
         return _conv_out(x, w_fold, b_fold, geo), state
