@@ -374,7 +374,7 @@ def test_official_fill_and_rescale_identity(shape, seed, statistics, eps):
 @given(shape=shapes, seed=seeds, hp=knobs, log_c=st.floats(-2, 2))
 def test_invariant_to_shift_per_region(shape, seed, hp, log_c):
     """Adding a constant per (group, region) moves only the region's mean: y is unchanged up to the
-    rounding of x + c (u |x + c| / std_r, relative to x_hat)."""
+    rounding of x + c (u |x + c| / std_r)."""
     rng = np.random.default_rng(seed)
     inputs = draw(shape, rng=rng)
     fg = np.broadcast_to(inputs["mask"], shape)
@@ -384,13 +384,14 @@ def test_invariant_to_shift_per_region(shape, seed, hp, log_c):
     shifted = dict(inputs, x=inputs["x"] + np.where(fg, c_fg, c_bg))
     y, y2 = apply(inputs, **hp), apply(shifted, **hp)
     n = int(np.prod([shape[a] for a in axes]))
+    # x + c rounds by u |x + c|, and the shifted region's centering is accurate to (n + 4) u of
+    # |x + c| + |mu_r + c| (the ``centering`` scale), against the forward bound on the other side.
+    dy = np.ones(shape)  # unused by the centering scale
+    centering = scales(shifted, dy, hp)["centering"] + scales(inputs, dy, hp)["centering"]
     weight = max(np.max(np.abs(inputs["foreground_weight"])), np.max(np.abs(inputs["background_weight"])))
-    inv_std = 1 / np.sqrt(1e-5)  # the largest 1/std any region can have
-    spread = np.max(np.abs(shifted["x"]))
-    bound = (forward_tolerance(n) * 2 + 2 * U * spread * min(inv_std, 1e3)) * weight
-    # A region's x_hat moves by at most u |x + c| / std_r per element; std_r >= 1e-3 for N(0, 1)
-    # draws of >= 2 values almost surely, and a single value has x_hat = 0 exactly.
-    np.testing.assert_allclose(y2, y, rtol=0, atol=bound + 1e-12 * np.max(np.abs(y)))
+    # |x_hat| <= sqrt(n - 1) in a region of at most n values: the forward bound on both sides.
+    bound = (n + 8) * U * centering + 2 * forward_tolerance(n) * weight * np.sqrt(n)
+    np.testing.assert_allclose(y2, y, rtol=0, atol=bound + 2 * U * np.max(np.abs(y)))
 
 
 @given(shape=shapes, seed=seeds, hp=knobs)
@@ -402,10 +403,13 @@ def test_grad_sums_zero_per_region(shape, seed, hp):
     dx = vjp(inputs, dy, **hp)["x"]
     fg = np.broadcast_to(inputs["mask"], shape)
     axes = group_axes(len(shape), hp["statistics"])
+    term = scales(inputs, dy, hp)["x"]  # bounds every dx_i's three terms
     for inside in (fg, ~fg):
-        total, _ = _per_group(dx, inside, axes)
-        scale, _ = _per_group(np.abs(dx) + np.abs(dy) * 10, inside, axes)
-        assert np.all(np.abs(total) <= 64 * U * scale * dx.size)
+        total, count = _per_group(dx, inside, axes)
+        magnitude, _ = _per_group(np.abs(dx), inside, axes)
+        # Each dx_i errs by (n + 6) u of its terms (the region means included), the sum adds n u |dx|.
+        n = np.max(count)
+        assert np.all(np.abs(total) <= (n + 8) * U * (count * term + magnitude))
 
 
 def test_dialect_values():
