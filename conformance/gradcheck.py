@@ -389,16 +389,19 @@ def check_hvp(
     checks = []
     names = []
 
+    def _masked(tree: Tree) -> list[Any]:
+        # Laid out as _random_direction lays out w and v: float64 where perturbed, zeros for a
+        # float leaf that is not, None (skipped by _flat64) for an integer or boolean input.
+        return [
+            np.asarray(g_, dtype=np.float64) if on else (np.zeros(np.shape(g_)) if _is_float(leaf) else None)
+            for g_, leaf, on in zip(_leaves(tree), _leaves(inputs), mask, strict=True)
+        ]
+
     def projected(w: Tree) -> Callable[[Tree], np.ndarray]:
         w_flat = _flat64(w)
 
         def fn(x: Tree) -> np.ndarray:
-            gl = _leaves(grad(x))
-            masked = [
-                np.asarray(g_, dtype=np.float64) if on else np.zeros(np.shape(g_))
-                for g_, on in zip(gl, mask, strict=True)
-            ]
-            return np.array([float(np.dot(w_flat, _flat64(masked)))])
+            return np.array([float(np.dot(w_flat, _flat64(_masked(grad(x)))))])
 
         return fn
 
@@ -409,10 +412,7 @@ def check_hvp(
         nfev += d_wv.nfev
         if hvp is not None:
             hv = hvp(inputs, v)
-            analytic = _vdot(w, _rebuild(inputs, [
-                np.asarray(h_, dtype=np.float64) if on else np.zeros(np.shape(h_))
-                for h_, on in zip(_leaves(hv), mask, strict=True)
-            ]))
+            analytic = _vdot(w, _rebuild(inputs, _masked(hv)))
             scale_ = _norm(w) * _norm(hv)
             checks.append(_compare(k + 1, analytic, d_wv, scale_, rtol, atol))
             names.append(("<w, hvp(x, v)>", "d/dt <w, grad(x + t v)>"))
