@@ -33,8 +33,10 @@ The modes differ in which statistics (mu, var) are used and in what the trained 
       dL/dgamma = (<dL/dW', W>_o + dL/db' (b - running_mean)) / sqrt(running_var + eps)
 
   (``<., .>_o`` summed over one output channel).  An SGD step of size lr on W in Eval mode moves
-  W' by ``lr c^2 dL/dW'``, in Deploy mode by ``lr dL/dW'``: the per-channel c^2 is the
-  difference in training behaviour the paper analyses (Deploy's instability when c is far from 1).
+  W' by ``lr c^2 dL/dW'``, in Deploy mode by ``lr dL/dW'``: the same data give per-channel
+  steps differing by c^2.  (The paper derives Deploy's reduced training stability from this
+  change of the gradients [unverified: the paper's text was not available here; the relation
+  above is derived from the fold and checked by a property test].)
 
 With ``training=True`` the ``tune`` fold runs the Train mode: the official code
 (apple/ml-tune-mode-convbn ``efficient_conv_bn_eval_control``, mmcv ``ConvModule.forward``) folds
