@@ -178,6 +178,21 @@ def test_unit_normalization_is_the_norm_form_with_eps_1e12(adapter):
     assert np.max(np.abs(squared - y)) > 0.5
 
 
+def test_rms_scaling_is_neither_layer_norm_nor_rms_norm(adapter):
+    """Why LayerNormalization(rms_scaling=True) is not mapped: it computes x * rsqrt(var(x) + eps),
+    the variance without centring, which differs from both registered ops on data with a mean."""
+    keras = adapter.keras
+    x = np.random.default_rng(5).standard_normal((4, 16)) + 1.0
+    with pytest.warns(UserWarning, match="variance, not the root mean square"):
+        layer = keras.layers.LayerNormalization(rms_scaling=True, epsilon=1e-3, dtype="float32")
+    y = keras.ops.convert_to_numpy(layer(x.astype(np.float32))).astype(np.float64)
+    np.testing.assert_allclose(y, x / np.sqrt(x.var(-1, keepdims=True) + 1e-3), rtol=1e-5)
+    for name in ("layer_norm", "rms_norm"):
+        op = reference.get(name)
+        other = op.apply({"x": x}, None, **{**op.dialect("keras"), "eps": 1e-3})[0]["y"]
+        assert np.max(np.abs(other - y)) > 0.5, name
+
+
 def test_optimizer_steps_from_a_nontrivial_state_match_the_oracle(adapter):
     """Two steps from the state each returned, a new lr each step: slots loaded and read back
     under the right names and signs (SGD's buffer is minus Keras's), Adafactor's factored and

@@ -46,10 +46,20 @@ moving averages it updates.
 Optimizers, gradient clipping (``clipnorm``, ``global_clipnorm``): ``_keras_optim.py`` next to
 this module (its docstring), dispatched by ``evaluate`` under the adapter's lock.
 
-Known Keras behaviour the checks pin down (see ``xfails/keras.toml`` for the numbers): the
-deprecated ``LayerNormalization(rms_scaling=True)`` computes ``x * rsqrt(var(x) + eps) * gamma``:
-the *variance* (not the mean square) and no centring, which no registered op computes (neither
-``layer_norm``, which centres, nor ``rms_norm``, which uses the mean square), so it is not mapped.
+Known Keras numerics this adapter reports (not adapter faults; numbers in ``xfails/keras.toml``):
+
+* float64 is float32 inside: ``keras.backend.result_type`` maps 64-bit results to 32 bits on the
+  jax and torch backends, and the layers compute in ``result_type(x.dtype, "float32")``, so a
+  ``dtype="float64"`` layer computes in float32 (so does ``keras.ops.mean``, hence Adafactor).
+* The layers' affine form ``x * inv + (beta - mean * inv)`` cancels where x equals the mean (a
+  single value per channel or group).
+* ``keras.ops.normalize``: NaN gradients on zero rows (rsqrt's infinite derivative times the zero
+  cotangent of the branch ``minimum`` discards), and no upcast of float16 (its squares overflow).
+
+Not mapped: the deprecated ``LayerNormalization(rms_scaling=True)`` computes ``x * rsqrt(var(x) +
+eps) * gamma``, the *variance* without centring, which no registered op computes (``layer_norm``
+centres, ``rms_norm`` uses the mean square); Keras's own deprecation warning says it "incorrectly
+scales the input by the variance, not the root mean square".
 """
 
 from __future__ import annotations
