@@ -112,7 +112,8 @@ class Mutant:
 
     def _compute(self, value: np.ndarray) -> np.ndarray:
         value = np.asarray(value)
-        if self.upcast_half and value.dtype.itemsize < 4:
+        # Only half-precision floats are widened (bfloat16's NumPy kind is "V"); a bool mask stays bool.
+        if self.upcast_half and value.dtype.itemsize < 4 and value.dtype.kind != "b":
             return value.astype(np.float32)
         return value
 

@@ -107,7 +107,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
 from reference._common import check_channel_params, check_shape
 from reference.normalizers._stats import (
     affine,
@@ -141,10 +141,10 @@ def init_state(x: Any, *, axis: int = 1) -> dict[str, Any]:
     xp = namespace(x)
     c = int(x.shape[_check(x, None, None, None, None, None, None, axis)])
     return {
-        "running_mean": xp.zeros((c,), dtype=xp.float64),
-        "running_var": xp.ones((c,), dtype=xp.float64),
-        "u": xp.zeros((c,), dtype=xp.float64),
-        "v": xp.zeros((c,), dtype=xp.float64),
+        "running_mean": xp.zeros((c,), dtype=xp.float64, device=device(x)),
+        "running_var": xp.ones((c,), dtype=xp.float64, device=device(x)),
+        "u": xp.zeros((c,), dtype=xp.float64, device=device(x)),
+        "v": xp.zeros((c,), dtype=xp.float64, device=device(x)),
     }
 
 
@@ -153,10 +153,10 @@ def _state(x: Any, axis: int, running_mean: Any, running_var: Any, u: Any, v: An
     """The given state, each missing slot at its initial value (the human API's convenience)."""
     xp = namespace(x)
     c = (int(x.shape[axis]),)
-    return (running_mean if running_mean is not None else xp.zeros(c, dtype=x.dtype),
-            running_var if running_var is not None else xp.ones(c, dtype=x.dtype),
-            u if u is not None else xp.zeros(c, dtype=x.dtype),
-            v if v is not None else xp.zeros(c, dtype=x.dtype))
+    return (running_mean if running_mean is not None else xp.zeros(c, dtype=x.dtype, device=device(x)),
+            running_var if running_var is not None else xp.ones(c, dtype=x.dtype, device=device(x)),
+            u if u is not None else xp.zeros(c, dtype=x.dtype, device=device(x)),
+            v if v is not None else xp.zeros(c, dtype=x.dtype, device=device(x)))
 
 
 def _positions(ndim: int, axis: int) -> tuple[int, ...]:

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace, size
 from reference._common import check_ndim, check_nonempty, check_shape, fail
 from reference.normalizers import batch_norm as _bn
 from reference.normalizers import layer_norm as _ln
@@ -91,13 +91,13 @@ def init_state(x: Any, *, progressive: bool = True, warmup: int = 0, total_steps
     check_ndim(OP, "x", x, min_ndim=2)
     c = int(x.shape[-1])
     state = {
-        "running_mean": xp.zeros((c,), dtype=xp.float64),
-        "running_var": xp.ones((c,), dtype=xp.float64),
-        "num_batches_tracked": xp.asarray(0.0, dtype=xp.float64),
+        "running_mean": xp.zeros((c,), dtype=xp.float64, device=device(x)),
+        "running_var": xp.ones((c,), dtype=xp.float64, device=device(x)),
+        "num_batches_tracked": xp.asarray(0.0, dtype=xp.float64, device=device(x)),
     }
     if progressive:
-        state["warm"] = xp.asarray(float(warmup), dtype=xp.float64)
-        state["decay_iter"] = xp.asarray(float(total_steps), dtype=xp.float64)
+        state["warm"] = xp.asarray(float(warmup), dtype=xp.float64, device=device(x))
+        state["decay_iter"] = xp.asarray(float(total_steps), dtype=xp.float64, device=device(x))
     return state
 
 
@@ -125,7 +125,7 @@ def _counters(warm: Any, decay_iter: Any) -> dict[str, Any]:
 
 
 def _single_value_check(x: Any) -> None:
-    if int(x.size) // int(x.shape[-1]) == 1:
+    if size(x) // int(x.shape[-1]) == 1:
         fail(OP, f"expected more than 1 value per channel when training, got x of shape {tuple(x.shape)} "
                  f"(BatchNorm over the tokens of a single token)")
 
@@ -162,7 +162,8 @@ def rep_bn(
         fail(OP, "needs running_mean and running_var (RepBN's BatchNorm tracks running statistics)")
     if progressive and (warm is None or decay_iter is None):
         fail(OP, "progressive=True needs the step counters warm and decay_iter in the state")
-    count = num_batches_tracked if num_batches_tracked is not None else xp.asarray(0.0, dtype=xp.float64)
+    count = (num_batches_tracked if num_batches_tracked is not None
+             else xp.asarray(0.0, dtype=xp.float64, device=device(x)))
     state = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": count}
     if progressive:
         state.update(_counters(warm, decay_iter))

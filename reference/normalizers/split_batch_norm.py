@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace, size
 from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axis
 from reference.normalizers import batch_norm as _bn
 from reference.registry import oracle_function, oracle_vjp
@@ -93,9 +93,9 @@ def init_state(x: Any, *, num_splits: int = 2, axis: int = 1, track_running_stat
     axis = _check(x, {}, axis, num_splits)
     shape = (num_splits, int(x.shape[axis]))
     return {
-        "running_mean": xp.zeros(shape, dtype=xp.float64),
-        "running_var": xp.ones(shape, dtype=xp.float64),
-        "num_batches_tracked": xp.asarray(0.0, dtype=xp.float64),
+        "running_mean": xp.zeros(shape, dtype=xp.float64, device=device(x)),
+        "running_var": xp.ones(shape, dtype=xp.float64, device=device(x)),
+        "num_batches_tracked": xp.asarray(0.0, dtype=xp.float64, device=device(x)),
     }
 
 
@@ -140,7 +140,8 @@ def split_batch_norm(
     axis = _check(x, tensors, axis, num_splits)
     if track_running_stats and (running_mean is None or running_var is None):
         fail(OP, "track_running_stats=True needs running_mean and running_var")
-    count = num_batches_tracked if num_batches_tracked is not None else xp.asarray(0.0, dtype=xp.float64)
+    count = (num_batches_tracked if num_batches_tracked is not None
+             else xp.asarray(0.0, dtype=xp.float64, device=device(x)))
     bn = _raw(_bn.batch_norm)
     conventions = {"axis": axis, "eps": eps, "momentum": momentum, "momentum_convention": momentum_convention,
                    "running_var_correction": running_var_correction, "single_value": single_value}
@@ -150,7 +151,7 @@ def split_batch_norm(
                   training=False, track_running_stats=track_running_stats, **conventions)
         state = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": count}
         return y, state if track_running_stats else {}
-    per_channel = int(x.size) // int(x.shape[0]) // int(x.shape[axis])
+    per_channel = size(x) // int(x.shape[0]) // int(x.shape[axis])
     ys, means, variances = [], [], []
     for i, (a, b) in enumerate(_parts(x, num_splits, uneven, per_channel, single_value)):
         y_i, s_i = bn(x[a:b, ...], _row(weight, i), _row(bias, i), _row(running_mean, i),
@@ -204,7 +205,7 @@ def split_batch_norm_vjp(
         pieces += [{k: xp.zeros_like(v) for k, v in g.items() if k != "x"}] * (num_splits - 1)
         bounds = None
     else:
-        per_channel = int(x.size) // int(x.shape[0]) // int(x.shape[axis])
+        per_channel = size(x) // int(x.shape[0]) // int(x.shape[axis])
         bounds = _parts(x, num_splits, uneven, per_channel, single_value)
         pieces = [bn_vjp(dy[a:b, ...], x[a:b, ...], _row(weight, i), _row(bias, i), _row(running_mean, i),
                          _row(running_var, i), None, training=True, track_running_stats=track_running_stats,
