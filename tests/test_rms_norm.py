@@ -269,3 +269,33 @@ def test_gemma_matches_its_torch_expression():
     grads = OP.vjp({"x": x, "weight": w}, None, {"y": dy}, **OP.dialect("gemma"))
     for key in expected:
         np.testing.assert_allclose(grads[key], expected[key], rtol=1e-11, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("placement", ["inside", "outside"])
+@pytest.mark.parametrize("eps", [1e-6, 1e-8])
+@pytest.mark.parametrize("d, p", [(1, -1.0), (3, 0.4)])
+def test_vjp_with_one_feature_setting_the_statistic_matches_mpmath(d, p, eps, placement):
+    """With k = 1 (one feature, or pRMSNorm keeping one), y_0 = x_0/sqrt(x_0^2 + eps) saturates
+    for |x_0| >> sqrt(eps) and 1 - y_0^2 cancels in float64: the VJP forms eps/r^2 directly.
+    Exact: d y_0/d x_0 = eps/r^3 (inside), eps/(|x_0| + eps)^2 (outside); for j >= k,
+    d y_j/d x_j = 1/r and d y_j/d x_0 = -x_j x_0/r^3 (inside), -x_j sign(x_0)/(|x_0| + eps)^2."""
+    mpmath = pytest.importorskip("mpmath")
+    x = np.array([[3.0, 0.7, -2.0], [-1e2, 1.5, 0.3], [0.01, -0.2, 4.0], [2e-4, 1.0, 1.0]])[:, :d]
+    dy = np.array([[0.5, -1.0, 2.0], [1.25, 0.5, -0.75], [-2.0, 1.0, 0.25], [1.0, -0.5, 0.5]])[:, :d]
+    g = OP.vjp({"x": x}, None, {"y": dy}, eps=eps, eps_placement=placement, p=p)["x"]
+    mpmath.mp.dps = 50
+    E = mpmath.mpf(eps)
+    expected = np.empty_like(x)
+    for i in range(x.shape[0]):
+        X, H = [mpmath.mpf(float(v)) for v in x[i]], [mpmath.mpf(float(v)) for v in dy[i]]
+        if placement == "inside":
+            r = mpmath.sqrt(X[0] ** 2 + E)
+            own, pull = E / r**3, [-X[j] * X[0] / r**3 for j in range(1, d)]
+        else:
+            r = abs(X[0]) + E
+            own, pull = E / r**2, [-X[j] * mpmath.sign(X[0]) / r**2 for j in range(1, d)]
+        expected[i, 0] = float(H[0] * own + sum(H[j] * pull[j - 1] for j in range(1, d)))
+        for j in range(1, d):
+            expected[i, j] = float(H[j] / r)
+    err = relative_error(g, expected)
+    assert err <= 1e-14, f"relative error {err:.3g}"

@@ -171,9 +171,19 @@ def rms_norm_vjp(
         # d rho/d a_j = a_j/(k rho); 0 where rho = 0 (torch's subgradient of the norm at 0).
         safe = xp.where(rms > 0, rms, xp.ones_like(rms))
         through_stat = xp.where(rms > 0, x / safe, xp.zeros_like(x))
-    if k != reduction_size(x, axes):
-        through_stat = through_stat * _first_k_mask(x, axes, k)  # only the first k set the RMS
-    grads = {"x": inv_r * (h - through_stat * coupling)}
+    if k == 1:
+        # One element sets the statistic: its own factor 1 - x_hat * through_stat is eps/r^2
+        # (inside) or eps/(rho + eps) (outside), formed directly, since the difference cancels
+        # where |y| -> 1; the features after it pull on it through the statistic as before.
+        own = eps * inv_r * inv_r if eps_placement == "inside" else eps * inv_r
+        first = _first_k_mask(x, axes, k)
+        rest = xp.sum(h * x_hat * (1.0 - first), axis=axes, keepdims=True)
+        factor = first * own + (1.0 - first)
+        grads = {"x": inv_r * (h * factor - through_stat * first * rest)}
+    else:
+        if k != reduction_size(x, axes):
+            through_stat = through_stat * _first_k_mask(x, axes, k)  # only the first k set the RMS
+        grads = {"x": inv_r * (h - through_stat * coupling)}
     shared = other_axes(x.ndim, axes)
     if weight is not None:
         grads["weight"] = sum_over(dy * x_hat, shared)
