@@ -1,4 +1,4 @@
-"""Unified Normalization (Yang, Zhang, ... 2022, ACM MM, arXiv:2208.01313).
+"""Unified Normalization (Yang, Zhang et al., ACM Multimedia 2022, arXiv:2208.01313).
 
 UN replaces LayerNorm in transformers by a normalization with *offline* statistics, so that at
 inference it is a per-channel affine map that folds into the neighbouring linear layer.  Like
@@ -34,7 +34,10 @@ geometric mean over the window, AM = mean_F(B_t) and GM = (prod_F B_t)^(1/F) per
     skip_t = any_c (AM_c - GM_c > F rho_t);   if skip_t: row (t mod F) of B_t <- v_{t-1}    (4)
 
 (AM >= GM always, with equality for a constant window; one batch statistic far from the others
-opens the gap.  F = 1 makes every step a skipped step in the official code.)  Then
+opens the gap.  F = 1 makes every step a skipped step in the official code.  Where AM = GM and
+rho = 0, e.g. F = 1 at step 1 with W <= 1 (a window of zeros: rho = 0), the official
+``exp(mean(log B))`` decides by its rounding: it falls below q in about 4% of the channels; the
+oracle computes AM = GM exactly there and does not filter.)  Then
 
     s_t = q_t                if t <= F or t < W or skip_t      the batch statistic
         = GM(B_t)            otherwise                         the window's geometric mean  (5)
