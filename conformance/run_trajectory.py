@@ -215,7 +215,7 @@ def _trajectory_explainer(run: _Trajectory, history: list[judge.Step]) -> diagno
                 if verdict == "MISTRUSTED":
                     worst = "MISTRUSTED"
             return worst
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError):  # KeyError: the candidate needs a slot not recorded
             return None
 
     return explains

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -217,8 +218,9 @@ def test_dialect_values():
     assert OP.spec.hparams["eps_clamps"].default == "norm"
     assert OP.spec.hparams["eps"].default == 1e-12
     assert tuple(OP.dialect("torch")["axes"]) == (1,)  # F.normalize's default dim=1
-    for name in ("tf", "keras"):
-        assert OP.dialect(name)["eps_clamps"] == "squared_norm" and OP.dialect(name)["eps"] == 1e-12
+    assert OP.dialect("tf")["eps_clamps"] == "squared_norm" and OP.dialect("tf")["eps"] == 1e-12
+    # Keras 3.15.1's UnitNormalization calls ops.normalize(epsilon=1e-12): the norm form.
+    assert OP.dialect("keras")["eps_clamps"] == "norm" and OP.dialect("keras")["eps"] == 1e-12
     assert OP.dialect("keras_ops")["eps"] == 1e-7 and OP.dialect("keras_ops")["eps_clamps"] == "norm"
     assert OP.dialect("onnx")["eps"] == 0.0 and OP.dialect("ngpt")["eps"] == 0.0
 
@@ -266,7 +268,7 @@ def _tf_l2_normalize(xp, x, axis, epsilon):
 
 
 @pytest.mark.parametrize("eps", [1e-12, 0.25])
-@pytest.mark.parametrize("dialect", ["tf", "keras"])
+@pytest.mark.parametrize("dialect", ["tf"])
 def test_matches_the_tf_form(dialect, eps):
     """TensorFlow is not installed: its formula in NumPy (forward) and in torch autograd (gradient)."""
     axes = (-1,)
@@ -334,7 +336,11 @@ def test_ngpt_justnorm_agrees_off_zero_rows():
 
 @pytest.mark.parametrize("dialect", ["keras", "keras_ops"])
 def test_matches_keras_float64(dialect):
-    keras = pytest.importorskip("keras")
+    if importlib.util.find_spec("keras") is None:
+        pytest.skip("keras is not installed")
+    from conformance.adapters.keras import import_keras
+
+    keras = import_keras()  # a backend chosen (jax by default): a bare import would want TensorFlow
     x = _mixed_rows((4, 6), (-1,), 1e-3)
     if dialect == "keras":
         layer = keras.layers.UnitNormalization(axis=-1, dtype="float64")
