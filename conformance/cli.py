@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="one .npz per case (default), or a folder of .npy files per case (and "
                           "hparams.tsv per step), which C reads without a library")
     p_export.add_argument("--no-expected", action="store_false", dest="expected",
-                          help="leave out the oracle's expected values and bounds (about half the size)")
+                          help="leave out the oracle's expected values and bounds (float64 arrays for "
+                          "every returned quantity: most of an export's size)")
     p_export.add_argument("--jobs", type=_jobs_value, default=None,
                           help="export in N worker processes, or 'auto' (the default, or $NORMREF_JOBS)")
     p_export.add_argument("--traceback", action="store_true",

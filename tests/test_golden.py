@@ -29,6 +29,9 @@ from conformance.golden_export import export
 from conformance.golden_writer import write_results
 from conformance.replay import NO_RESULT, judge
 
+#: One xdist worker for the module: the export its tests share is made once.
+pytestmark = pytest.mark.xdist_group("golden")
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Timings are the only fields of a case record that may differ between two runs.
 TIMINGS = ("seconds_adapter", "seconds_oracle")
