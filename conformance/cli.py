@@ -110,6 +110,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not dtypes:
         return _usage_error("check", "--dtypes names no dtype; choose from float64,float32,float16,bfloat16")
     try:
+        from conformance import oracle_device
+
+        oracle_device.select(args.oracle_device)  # validates $NORMREF_BACKEND too; --jobs workers inherit it
         shard = _parse_shard(args.shard)
         _workers(args.jobs, [])  # a bad $NORMREF_JOBS is a usage error, before the run
         _check_reports(args)
@@ -264,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.add_argument("--jobs", type=_jobs_value, default=None,
                          help="run the cases in N worker processes, or 'auto': one per CPU core "
                          "(the default, or $NORMREF_JOBS); the report is the same as with 1")
+    p_check.add_argument("--oracle-device", choices=("cpu", "cuda"), default=None, dest="oracle_device",
+                         help="where the float64 oracle computes: cpu (NumPy) or cuda (CuPy on the current "
+                         "GPU); default: $NORMREF_BACKEND (numpy|cupy), else cpu")
     p_check.add_argument("--traceback", action="store_true",
                          help="on an adapter that fails to load, print the whole traceback")
     p_check.set_defaults(func=cmd_check)

@@ -50,6 +50,7 @@ def test_show_prints_citation_hparams_and_dialects(capsys, name):
         (["show", "batch_nrom"], "unknown op 'batch_nrom'"),
         (["list", "--bogus"], "unrecognized arguments: --bogus"),
         (["show"], "the following arguments are required: name"),
+        (["check", "numpy32", "--oracle-device", "gpu"], "invalid choice: 'gpu'"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(capsys, argv, needle):
@@ -78,3 +79,21 @@ def test_help_does_not_import_heavy_frameworks():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_an_oracle_device_that_cannot_run_is_a_usage_error(capsys, monkeypatch):
+    """--oracle-device cuda without CuPy or a GPU, or a bad $NORMREF_BACKEND: one line, exit 2,
+    before any case runs."""
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        cupy = pytest.importorskip("cupy")
+        if cupy.cuda.is_available():
+            pytest.skip("a GPU is present: --oracle-device cuda can run")
+    monkeypatch.delenv("NORMREF_BACKEND", raising=False)
+    assert main(["check", "numpy32", "--ops", "^layer_norm$", "--oracle-device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--oracle-device cuda" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("NORMREF_BACKEND", "bogus")
+    assert main(["check", "numpy32", "--ops", "^layer_norm$"]) == 2
+    assert "NORMREF_BACKEND='bogus'" in capsys.readouterr().err
