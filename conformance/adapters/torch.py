@@ -21,13 +21,27 @@ conv_bn                  ``nn.Conv2d`` then ``nn.BatchNorm2d`` (Train, Eval); Tu
                          differentiated by autograd) while the BN is in eval mode; Deploy: an
                          ``nn.Conv2d`` holding the folded W', b' (what ``fuse_conv_bn_eval``
                          returns)
+split_batch_norm         timm ``SplitBatchNorm2d`` where timm is loadable (``_timm.py``) and the
+                         cut is timm's, else ``nn.BatchNorm{1,2,3}d`` per contiguous part (row i
+                         of weight, bias and running statistics) and ``torch.cat``; eval: the main
+                         BN (row 0) alone
+rep_bn                   SLAB's RepBN: ``nn.BatchNorm1d(C)`` on the (B, C, N) transpose +
+                         ``alpha * x``; progressive: blended with ``nn.LayerNorm(C)`` as SLAB's
+                         LinearNorm, its counters carried as state, lambda in float64
+msg_norm                 PyG ``MessageNorm.forward``: ``F.normalize(msg, p=2, dim, eps) *
+                         x.norm(p=2, dim, keepdim=True) * scale``
+evo_norm                 timm ``EvoNorm2d{B0,B1,B2,S0,S0a,S1,S1a,S2,S2a}`` (``_timm.py`` loads
+                         ``timm/layers/evo_norm.py`` without ``import timm``; SKIP without timm)
 =======================  ====================================================================
 
 Conventions.  ``ops()`` declares, per op (``MAPPINGS[op].dialect``), the values of the spec's
 convention knobs that torch follows (from each spec's ``torch`` dialect table; the ``timm`` one
-for weight standardization, for which torch has no core op).  Layout and mode hyper-parameters
-(``axis``, ``axes``, ``dim``, ``training``, ``track_running_stats``) and numeric values (``eps``,
-``momentum``, ``num_groups``, ``n_power_iterations``, ``weight_offset``) come from the case and
+for weight standardization, for which torch has no core op, the ``pyg`` one for MsgNorm, and the
+conventions all ``timm_*`` tables share for EvoNorm, whose variant and ``keep_denominator`` pick
+the timm class).
+Layout and mode hyper-parameters (``axis``, ``axes``, ``dim``, ``training``,
+``track_running_stats``, ``progressive``) and numeric values (``eps``, ``momentum``,
+``num_groups``, ``n_power_iterations``, ``weight_offset``, ``total_steps``) come from the case and
 are implemented here (a channel axis is moved with ``movedim``, normalized axes are permuted to the
 end); what torch cannot express raises :class:`Unsupported` (the case is SKIP) with the reason.
 Every hyper-parameter of a request must be read by the op's mapping: one that is not (a knob
@@ -85,7 +99,7 @@ from conformance.adapters.torch_call import (
 )
 
 # --------------------------------------------------------------------------------------------
-# The eight normalizers
+# The normalizers
 # --------------------------------------------------------------------------------------------
 
 
@@ -368,10 +382,239 @@ def conv_bn(c: _Call) -> Response:
     return c.finish({"y": y}, state)
 
 
-#: The eight normalizers: each mapping with the convention knobs torch follows (the specs' ``torch``
+def _replace_parameter(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Set ``module.<name>`` to ``value``, a tensor computed from a request's leaf (a row of a
+    (k, C) weight, say): a registered parameter is dropped first, so the module reads the tensor
+    and autograd reaches the leaf through it; None keeps the module's own value."""
+    if value is None:
+        return
+    if name in module._parameters:
+        del module._parameters[name]
+    setattr(module, name, value)
+
+
+def _split_parts(n: int, k: int, training: bool, uneven: str) -> list[int]:
+    """The part sizes of a batch of n: N // k each, the remainder in the last (MixBatchNorm2d's
+    cut; timm's when N % k == 0, which its assert requires), or [n] for the main BN alone."""
+    if not training:
+        return [n]
+    if n % k and uneven == "raise":
+        raise Unsupported(f"{n} samples are not a multiple of num_splits={k} (timm asserts)")
+    size = n // k
+    if size == 0:
+        raise Unsupported(f"num_splits={k} parts of {n} samples leave the first parts empty")
+    return [size] * (k - 1) + [n - size * (k - 1)]
+
+
+def split_batch_norm(c: _Call) -> Response:
+    """timm's ``SplitBatchNorm2d`` (the main BN on part 0, ``aux_bn[i-1]`` on part i,
+    ``torch.cat``; the main BN alone in eval) where timm is loadable and the cut is timm's; else
+    the same construction from ``nn.BatchNorm{1,2,3}d``, one module per contiguous part with row i
+    of the weight, bias and running statistics.  timm's class gets a 4-D view (N, C, L, 1) of
+    other ranks: the statistics are over the same values."""
+    for knob, value in MAPPINGS["split_batch_norm"].dialect.items():
+        c.expect(knob, value)
+    k, uneven = c.take("num_splits"), c.take("uneven")
+    training, track = c.take("training"), c.take("track_running_stats")
+    axis, eps, momentum = c.take("axis"), c.take("eps"), c.take("momentum")
+    x, weight, bias = c.input("x"), c.input("weight"), c.input("bias")
+    axis = _axis(axis, x.ndim)
+    if axis == 0:
+        raise Unsupported("axis 0 is the batch axis")
+    xc = torch.movedim(x, axis, 1)
+    n, channels = int(xc.shape[0]), int(xc.shape[1])
+    sizes = _split_parts(n, k, training, uneven)
+    options = {"eps": eps, "momentum": momentum, "affine": False, "track_running_stats": track}
+    timm = _split_batchnorm_class() if k >= 2 and (not training or n % k == 0) else None
+    if timm is not None:
+        # SplitBatchNorm2d(dtype=float64) builds a float32 main BN (its super().__init__ is not
+        # given the dtype): .to() makes every BN the request's dtype.
+        layer = timm(channels, num_splits=k, **options).to(device=c.device, dtype=c.dtype)
+        modules = [layer, *layer.aux_bn]
+    else:
+        layer = None
+        modules = [_batch_norm_module(xc.ndim)(channels, **options, device=c.device, dtype=c.dtype)
+                   for _ in range(k if training else 1)]
+    running = {name: c.state(name) if track else None for name in ("running_mean", "running_var")}
+    for i, module in enumerate(modules):
+        _replace_parameter(module, "weight", None if weight is None else weight[i])
+        _replace_parameter(module, "bias", None if bias is None else bias[i])
+        if track:
+            for name, value in running.items():
+                if value is not None:
+                    setattr(module, name, value[i].clone())
+            module.num_batches_tracked = torch.tensor(c.count(), dtype=torch.long, device=c.device)
+    if layer is not None:
+        layer.train(training)
+        y = _single_value_guard(lambda: layer(xc if xc.ndim == 4 else xc.reshape(n, channels, -1, 1)))
+    else:
+        def run(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+            module.train(training)
+            flat = t if t.ndim <= 5 else t.reshape(t.shape[0], channels, -1)
+            return _single_value_guard(lambda: module(flat))
+
+        y = torch.cat([run(m, t).reshape(t.shape) for m, t in zip(modules, xc.split(sizes), strict=True)])
+    state: dict[str, torch.Tensor | float] = {}
+    if track:
+        for name, value in running.items():
+            if value is not None:
+                rows = [getattr(m, name) for m in modules] + list(value[len(modules):])
+                state[name] = torch.stack(rows)
+        state["num_batches_tracked"] = float(modules[0].num_batches_tracked.item())
+    c.check_all_read("split_batch_norm")
+    return c.finish({"y": torch.movedim(y.reshape(xc.shape), 1, axis)}, state)
+
+
+def _split_batchnorm_class() -> type[nn.Module] | None:
+    """timm's ``SplitBatchNorm2d`` when timm is loadable (``_timm.py``), else None."""
+    from conformance.adapters import _timm
+
+    try:
+        return _timm.layers("split_batchnorm").SplitBatchNorm2d
+    except Unsupported:
+        return None
+
+
+def rep_bn(c: _Call) -> Response:
+    """SLAB's RepBN as ``prepbn.py`` builds it, ``nn.BatchNorm1d(C)`` on the (B, C, N) transpose
+    plus ``alpha * x``, and Progressive RepBN as its ``LinearNorm``: ``nn.LayerNorm(C)`` alone
+    during the warm-up, then ``lambda * LN(x) + (1 - lambda) * RepBN(x)`` with
+    ``lambda = r0 * iter / total_steps`` before ``iter`` is decremented, RepBN alone in eval.  The
+    counters ``warm`` and ``decay_iter`` (LinearNorm's buffers ``warm``, ``iter``) come and go as
+    state; lambda is formed in float64, as the spec defines it (the official buffers are int64
+    and their quotient float32: a documented finding, not this mapping's)."""
+    progressive, warmup, total_steps = c.take("progressive"), c.take("warmup"), c.take("total_steps")
+    r0, training = c.take("r0"), c.take("training")
+    eps, momentum, ln_eps = c.take("eps"), c.take("momentum"), c.take("ln_eps")
+    del warmup   # the initial value of the state's warm: the request carries the current one
+    x = c.input("x")
+    weight, bias = c.input("weight", parameter=True), c.input("bias", parameter=True)
+    alpha = c.input("alpha", parameter=True)
+    ln_weight, ln_bias = c.input("ln_weight", parameter=True), c.input("ln_bias", parameter=True)
+    if alpha is None:
+        raise Unsupported("RepBN needs its alpha")
+    channels = int(x.shape[-1])
+    bn = nn.BatchNorm1d(channels, eps=eps, momentum=momentum, affine=False, device=c.device, dtype=c.dtype)
+    bn.weight, bn.bias = weight, bias
+    for name in ("running_mean", "running_var"):
+        value = c.state(name)
+        if value is not None:
+            setattr(bn, name, value)
+    bn.num_batches_tracked = torch.tensor(c.count(), dtype=torch.long, device=c.device)
+    bn.train(training)
+
+    def rep(t: torch.Tensor) -> torch.Tensor:   # RepBN.forward on (B, N, C) tokens
+        tokens = t if t.ndim == 2 else t.reshape(t.shape[0], -1, channels).transpose(1, 2)
+        y_bn = _single_value_guard(lambda: bn(tokens))
+        y_bn = y_bn if t.ndim == 2 else y_bn.transpose(1, 2).reshape(t.shape)
+        return y_bn + alpha * t
+
+    ln = nn.LayerNorm(channels, eps=ln_eps, elementwise_affine=False, device=c.device, dtype=c.dtype)
+    ln.weight, ln.bias = ln_weight, ln_bias
+    old = c.request.state or {}
+    counters = {k: int(round(float(old[k]))) for k in ("warm", "decay_iter") if old.get(k) is not None}
+    if progressive and len(counters) < 2:
+        raise Unsupported("Progressive RepBN needs the counters warm and decay_iter in the state")
+    if not training:
+        y = rep(x)
+    elif not progressive:
+        y = rep(x)
+    elif counters["warm"] > 0:   # LinearNorm's warm-up: LayerNorm alone, BatchNorm not run
+        counters["warm"] -= 1
+        y = ln(x)
+    else:
+        lam = _progressive_lambda(r0, counters["decay_iter"], total_steps)   # before the decrement
+        if counters["decay_iter"] > 0:
+            counters["decay_iter"] -= 1
+        y = lam * ln(x) + (1.0 - lam) * rep(x)
+    state: dict[str, torch.Tensor | float] = {"running_mean": bn.running_mean, "running_var": bn.running_var,
+                                              "num_batches_tracked": float(bn.num_batches_tracked.item())}
+    if progressive:
+        state.update({k: float(v) for k, v in counters.items()})
+    c.check_all_read("rep_bn")
+    return c.finish({"y": y}, state)
+
+
+def _progressive_lambda(r0: float, decay_iter: int, total_steps: int) -> float:
+    """LinearNorm's ``lamda = r0 * iter / total_step``, in float64 (Python floats)."""
+    return r0 * decay_iter / total_steps
+
+
+def msg_norm(c: _Call) -> Response:
+    """DeeperGCN's MsgNorm as PyG's ``MessageNorm.forward`` writes it (deep_gcns_torch's
+    ``MsgNorm`` alike): ``F.normalize(msg, p=2, dim, eps) * x.norm(p=2, dim, keepdim=True) *
+    scale``, the feature axes as ``dim`` (PyG: -1); without ``scale`` s = 1 (a frozen scale)."""
+    c.expect("eps_clamps", "norm")
+    axes, eps = c.take("axes"), c.take("eps")
+    x, msg, scale = c.input("x"), c.input("msg"), c.input("scale")
+    dims = tuple(_axis(a, x.ndim) for a in axes)
+    if len(set(dims)) != len(dims):
+        raise Unsupported(f"repeated feature axes {axes}")
+    dim = dims if len(dims) > 1 else dims[0]
+    y = F.normalize(msg, p=2.0, dim=dim, eps=eps) * x.norm(p=2, dim=dim, keepdim=True)
+    if scale is not None:
+        y = y * scale
+    c.check_all_read("msg_norm")
+    return c.finish({"y": y})
+
+
+#: timm's EvoNorm class per (variant, keep_denominator): the "a" classes keep the group
+#: denominator with apply_act=False (with it, they compute S0, S1, S2); B variants have none.
+_EVO_CLASSES = {("b0", False): "EvoNorm2dB0", ("b1", False): "EvoNorm2dB1", ("b2", False): "EvoNorm2dB2",
+                ("s0", False): "EvoNorm2dS0", ("s0", True): "EvoNorm2dS0a",
+                ("s1", False): "EvoNorm2dS1", ("s1", True): "EvoNorm2dS1a",
+                ("s2", False): "EvoNorm2dS2", ("s2", True): "EvoNorm2dS2a"}
+
+
+def evo_norm(c: _Call) -> Response:
+    """timm's ``EvoNorm2d{B0,B1,B2,S0,S0a,S1,S1a,S2,S2a}`` (``timm/layers/evo_norm.py``, loaded
+    without ``import timm`` by ``_timm.py``): the class of the variant (the "a" class for
+    keep_denominator), ``apply_act`` = nonlinearity, eps, momentum and groups from the request,
+    weight, bias, v and the running variance set from it; other layouts as the (N, C, L, 1) view
+    timm's 4-D layers take (the same statistics)."""
+    from conformance.adapters import _timm
+
+    evo = _timm.layers("evo_norm")   # Unsupported (one line) without timm
+    for knob, value in MAPPINGS["evo_norm"].dialect.items():
+        c.expect(knob, value)
+    variant, keep = c.take("variant"), c.take("keep_denominator")
+    training, nonlinearity = c.take("training"), c.take("nonlinearity")
+    axis, eps, momentum, groups = c.take("axis"), c.take("eps"), c.take("momentum"), c.take("num_groups")
+    x = c.input("x")
+    params = {name: c.input(name, parameter=True) for name in ("weight", "bias", "v")}
+    axis = _axis(axis, x.ndim)
+    if axis == 0:
+        raise Unsupported("axis 0 is the batch axis")
+    xc = torch.movedim(x, axis, 1)
+    n, channels = int(xc.shape[0]), int(xc.shape[1])
+    b_variant = variant.startswith("b")
+    cls = getattr(evo, _EVO_CLASSES[(variant, keep and not b_variant)])
+    options = {"momentum": momentum} if b_variant else {"groups": groups}
+    if not b_variant and channels % groups:
+        raise Unsupported(f"timm asserts num_groups={groups} divides the {channels} channels")
+    layer = cls(channels, apply_act=nonlinearity, eps=eps, **options, device=c.device, dtype=c.dtype)
+    for name, value in params.items():
+        if value is not None and getattr(layer, name, None) is not None:
+            setattr(layer, name, value)   # v only where the layer reads one (b0, s0 with apply_act)
+    running_var = c.state("running_var")
+    if b_variant and running_var is not None:
+        layer.running_var = running_var
+    layer.train(training)
+    x4 = xc if xc.ndim == 4 else xc.reshape(n, channels, -1, 1)
+    try:
+        y = layer(x4)
+    except ZeroDivisionError:
+        raise Unsupported("timm's running-variance update divides by n - 1 = 0 (one value per channel)") \
+            from None
+    state = {} if running_var is None else {"running_var": layer.running_var if b_variant else running_var}
+    c.check_all_read("evo_norm")
+    return c.finish({"y": torch.movedim(y.reshape(xc.shape), 1, axis)}, state)
+
+
+#: The normalizers: each mapping with the convention knobs torch follows (the specs' ``torch``
 #: dialect tables without their layout and numeric entries; weight standardization: timm's
-#: StdConv2d), the torch call, and the state torch does not keep (supplied by the harness, not
-#: compared).
+#: StdConv2d; MsgNorm: PyG's; EvoNorm: timm's), the torch call, and the state torch does not keep
+#: (supplied by the harness, not compared).
 MAPPINGS: dict[str, Mapping] = {
     "batch_norm": Mapping(
         batch_norm, api="torch.nn.BatchNorm{1,2,3}d (F.batch_norm)", dtypes=DTYPES,
@@ -408,6 +651,33 @@ MAPPINGS: dict[str, Mapping] = {
         conv_bn, dtypes=DTYPES,
         api="nn.Conv2d + nn.BatchNorm2d; Tune: torch._inductor efficient_conv_bn_eval; "
             "Deploy: the fused nn.Conv2d"),
+    # torch's BatchNorm conventions (the spec's torch table); the cut is the caller's, so both
+    # values of `uneven` are implemented (timm's class for its own cut).
+    "split_batch_norm": Mapping(
+        split_batch_norm, dtypes=DTYPES,
+        api="timm.layers.SplitBatchNorm2d where timm is loadable, else torch.nn.BatchNorm{1,2,3}d "
+            "per contiguous part + torch.cat; eval: the main BN",
+        dialect={"momentum_convention": "new_weight", "running_var_correction": 1,
+                 "single_value": "raise"}),
+    # No convention knob is fixed: progressive, the step counts, r0 and both eps are the case's.
+    "rep_bn": Mapping(
+        rep_bn, dtypes=DTYPES,
+        api="torch.nn.BatchNorm1d on the (B, C, N) transpose + alpha * x (SLAB RepBN); "
+            "progressive: blended with torch.nn.LayerNorm as SLAB's LinearNorm"),
+    # PyG MessageNorm's formula (the spec's pyg table).
+    "msg_norm": Mapping(
+        msg_norm, dtypes=DTYPES,
+        api="F.normalize(msg, p=2, dim) * x.norm(p=2, dim, keepdim=True) * scale "
+            "(torch_geometric.nn.MessageNorm.forward)",
+        dialect={"eps_clamps": "norm"}),
+    # The conventions every timm_* table of the spec shares; `variant` and `keep_denominator`
+    # (which class) are the case's: every value has its timm class.
+    "evo_norm": Mapping(
+        evo_norm, dtypes=DTYPES,
+        api="timm.layers.EvoNorm2d{B0,B1,B2,S0,S0a,S1,S1a,S2,S2a} (timm/layers/evo_norm.py, "
+            "loaded without import timm)",
+        dialect={"momentum_convention": "new_weight", "running_var_correction": 1,
+                 "group_fallback": "raise", "max_tie": "split"}),
 }
 
 
@@ -446,7 +716,10 @@ class TorchAdapter:
         self.device = device_of(device)
 
     def info(self) -> dict[str, str]:
-        info = {"framework": "torch", "version": torch.__version__, "device": str(self.device)}
+        from conformance.adapters import _timm
+
+        info = {"framework": "torch", "version": torch.__version__, "device": str(self.device),
+                "timm": _timm.version()}   # evo_norm's layers (SKIP when "absent")
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
             info["cuda"] = str(torch.version.cuda)
