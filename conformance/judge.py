@@ -306,7 +306,9 @@ def _near_jumps(op: reference.Op, hp: dict[str, Any], arrays: dict[str, np.ndarr
     marker = op.discontinuity_counter
     if marker is None:
         return {}
-    return {k: np.asarray(m, dtype=bool) for k, m in marker(unpack(arrays, "in."), hp, rel).items()}
+    # The state is passed too: a jump may sit at a threshold the state sets (Unified Norm's filter).
+    named = {**unpack(arrays, "state."), **unpack(arrays, "in.")}
+    return {k: np.asarray(m, dtype=bool) for k, m in marker(named, hp, rel).items()}
 
 
 def values_near_jumps(op: reference.Op, hp: dict[str, Any], arrays: dict[str, np.ndarray], dtype: str) -> int:

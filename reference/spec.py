@@ -61,8 +61,8 @@ malformed spec raises :class:`SpecError` naming the file and the key):
 ``expectation``   (ops with ``draws`` inputs, required there) ``"module:callable"``, ``(inputs
                   without the draws, hparams) -> {output: (mean, low, high)}``: each output's
                   expectation over the draws and a range holding it almost surely
-``discontinuities``  (ops with jumps: a binned metric) ``"module:callable"``, ``(inputs, hparams,
-                  rel) -> {input: bool mask}``: which input values lie within relative distance
+``discontinuities``  (ops with jumps: a binned metric) ``"module:callable"``, ``(inputs and state,
+                  hparams, rel) -> {input: bool mask}``: which input values lie within relative distance
                   ``rel`` of a jump (a bin edge).  The error model's probes leave them still (a
                   move across would read the jump, not the slope), and where the dtype's rounding
                   can move a value across, a differing result is MISTRUSTED, not FAIL

@@ -240,7 +240,8 @@ def test_the_mapping_file_list_is_every_mapping_file():
 
 #: The spec dialect table each built-in mapping claims to follow (weight standardization: torch
 #: has no layer, the torch adapter follows timm's StdConv2d; the JAX one deepmind's NFNets).
-_TABLES = {"torch": {"weight_standardization": "timm"}, "jax": {"weight_standardization": "nfnets"}}
+_TABLES = {"torch": {"weight_standardization": "timm", "msg_norm": "pyg", "evo_norm": "timm_b0"},
+           "jax": {"weight_standardization": "nfnets"}}
 
 
 def test_built_in_declared_conventions_agree_with_the_spec_tables():

@@ -94,7 +94,7 @@ def msg_norm_vjp(
     norm = l2_norm(x, axes)
     s_dy = dy if scale is None else scale * dy
     # d||x||/dx = x / ||x||; at a zero row the subgradient 0 (x is 0 there, any finite divisor gives it).
-    safe = xp.where(norm > 0, norm, xp.ones_like(norm))
+    safe = xp.where(norm == 0, xp.ones_like(norm), norm)  # a zero row only: a NaN norm stays NaN
     along_unit = xp.sum(s_dy * unit, axis=axes, keepdims=True)
     grads = {
         "x": along_unit * x / safe,
