@@ -77,6 +77,10 @@ from typing import Any
 import numpy as np
 
 from conformance.adapters import HyperParameters, OpSupport, Request, Response, Unsupported
+
+# Framework-free helpers (jax is imported inside its functions only): the axis check, the
+# builders' stateless finish and the compile cache's keys, shared with the jax adapter.
+from conformance.adapters.jax_support import _axis, _frozen, _no_state, _signature
 from conformance.adapters.mapping import Mapping
 
 __all__ = ["MAPPINGS", "KerasAdapter", "import_keras", "make_adapter"]
@@ -467,29 +471,6 @@ class KerasAdapter:
             return {"y": normalize(p["x"], axis=axes, order=2, epsilon=eps)}, {}
 
         return compute, {}, _no_state
-
-
-def _axis(axis: int, ndim: int, what: str = "axis") -> int:
-    if not -ndim <= axis < ndim:
-        raise Unsupported(f"{what}={axis} is out of range for an input of rank {ndim}")
-    return axis % ndim
-
-
-def _no_state(_: dict[str, Any]) -> dict[str, Any]:
-    return {}
-
-
-def _frozen(value: Any) -> Any:
-    """A hashable copy of a hyper-parameter dict (lists become tuples)."""
-    if isinstance(value, dict):
-        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-def _signature(arrays: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(sorted((k, tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in arrays.items()))
 
 
 #: The Keras normalizers: each op's builder (a :class:`KerasAdapter` method), the convention knobs
