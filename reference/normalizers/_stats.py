@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
-from reference._backend import namespace
+from reference._backend import device, namespace
+from reference._common import fail
 
 #: The dtype a kernel saves its mean and 1/std in for the backward pass, or None.  The oracle never
 #: sets it.  The harness's same-precision baseline sets it (``statistics_saved_in``) around a
@@ -158,6 +159,18 @@ def l2_norm(v: Any, axes: tuple[int, ...] | None = None) -> Any:
     norm = big * xp.sqrt(xp.sum(r * r, axis=axes, keepdims=True))
     # An infinite entry makes the norm infinite (IEEE hypot), not inf/inf = NaN; NaN stays NaN.
     return xp.where(xp.isinf(big), big, norm)
+
+
+def running_state(op: str, x: Any, running_mean: Any, running_var: Any, num_batches_tracked: Any,
+                  refusal: str = "track_running_stats=True needs running_mean and running_var"
+                  ) -> dict[str, Any]:
+    """The running statistics of a BatchNorm-like layer as its state dict, the batch counter 0
+    (beside x) when not given; without a running mean or variance, ``refusal`` (ValueError)."""
+    if running_mean is None or running_var is None:
+        fail(op, refusal)
+    count = (num_batches_tracked if num_batches_tracked is not None
+             else namespace(x).asarray(0.0, dtype=namespace(x).float64, device=device(x)))
+    return {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": count}
 
 
 def running_average(

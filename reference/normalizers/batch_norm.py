@@ -45,6 +45,7 @@ from reference.normalizers._stats import (
     reduction_size,
     running_average,
     running_standardize,
+    running_state,
     standardize,
 )
 from reference.registry import oracle_function, oracle_vjp
@@ -101,19 +102,10 @@ def batch_norm(
     """
     xp = namespace(x)
     axis = _check(x, weight, bias, running_mean, running_var, axis)
-    if track_running_stats and (running_mean is None or running_var is None):
-        fail(OP, "track_running_stats=True needs running_mean and running_var")
     R = other_axes(x.ndim, axis)
     n = reduction_size(x, R)
-    state: dict[str, Any] = {}
-    if track_running_stats:
-        state = {
-            "running_mean": running_mean,
-            "running_var": running_var,
-            "num_batches_tracked": num_batches_tracked
-            if num_batches_tracked is not None
-            else xp.asarray(0.0, dtype=xp.float64, device=device(x)),
-        }
+    state = (running_state(OP, x, running_mean, running_var, num_batches_tracked)
+             if track_running_stats else {})
 
     if _uses_batch_stats(training, track_running_stats):
         if training and n == 1 and single_value == "raise":

@@ -70,6 +70,7 @@ from reference.normalizers._stats import (
     reduction_size,
     running_average,
     running_standardize,
+    running_state,
     standardize,
     standardize_vjp,
 )
@@ -224,20 +225,11 @@ def ghost_batch_norm(
     """Ghost batch normalization; returns ``(y, new_state)`` like ``batch_norm``."""
     xp = namespace(x)
     axis = _check(x, weight, bias, running_mean, running_var, axis)
-    if track_running_stats and (running_mean is None or running_var is None):
-        fail(OP, "track_running_stats=True needs running_mean and running_var")
     n_samples = int(x.shape[0])
     if n_samples < virtual_batch_size and small_batch == "raise":
         ghost_layout(n_samples, virtual_batch_size, split, small_batch)  # raises, in eval too
-    state: dict[str, Any] = {}
-    if track_running_stats:
-        state = {
-            "running_mean": running_mean,
-            "running_var": running_var,
-            "num_batches_tracked": num_batches_tracked
-            if num_batches_tracked is not None
-            else xp.asarray(0.0, dtype=xp.float64, device=device(x)),
-        }
+    state = (running_state(OP, x, running_mean, running_var, num_batches_tracked)
+             if track_running_stats else {})
     if not _uses_batch_stats(training, track_running_stats):
         x_hat, _ = running_standardize(x, running_mean, running_var, eps, axis)
         return affine(x_hat, weight, bias, axis), state

@@ -52,6 +52,7 @@ from reference._backend import device, namespace, size
 from reference._common import check_ndim, check_nonempty, check_shape, fail
 from reference.normalizers import batch_norm as _bn
 from reference.normalizers import layer_norm as _ln
+from reference.normalizers._stats import running_state
 from reference.registry import oracle_function, oracle_vjp
 
 OP = "rep_bn"
@@ -154,17 +155,14 @@ def rep_bn(
     ln_eps: float = 1e-5,
 ) -> tuple[Any, dict[str, Any]]:
     """RepBN / PRepBN; returns ``(y, new_state)`` (module docstring)."""
-    xp = namespace(x)
     ln = {"ln_weight": ln_weight, "ln_bias": ln_bias}
     _check(x, {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
            alpha, progressive, ln, _counters(warm, decay_iter))
-    if running_mean is None or running_var is None:
-        fail(OP, "needs running_mean and running_var (RepBN's BatchNorm tracks running statistics)")
+    state = running_state(OP, x, running_mean, running_var, num_batches_tracked,
+                          "needs running_mean and running_var (RepBN's BatchNorm tracks running statistics)")
     if progressive and (warm is None or decay_iter is None):
         fail(OP, "progressive=True needs the step counters warm and decay_iter in the state")
-    count = (num_batches_tracked if num_batches_tracked is not None
-             else xp.asarray(0.0, dtype=xp.float64, device=device(x)))
-    state = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": count}
+    count = state["num_batches_tracked"]
     if progressive:
         state.update(_counters(warm, decay_iter))
     phase, lam = _phase(training, progressive, warm, decay_iter, r0, total_steps)

@@ -47,6 +47,7 @@ from typing import Any
 from reference._backend import device, namespace, size
 from reference._common import check_ndim, check_nonempty, check_shape, fail, normalize_axis
 from reference.normalizers import batch_norm as _bn
+from reference.normalizers._stats import running_state
 from reference.registry import oracle_function, oracle_vjp
 
 OP = "split_batch_norm"
@@ -138,10 +139,9 @@ def split_batch_norm(
     xp = namespace(x)
     tensors = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
     axis = _check(x, tensors, axis, num_splits)
-    if track_running_stats and (running_mean is None or running_var is None):
-        fail(OP, "track_running_stats=True needs running_mean and running_var")
-    count = (num_batches_tracked if num_batches_tracked is not None
-             else xp.asarray(0.0, dtype=xp.float64, device=device(x)))
+    tracked = (running_state(OP, x, running_mean, running_var, num_batches_tracked)
+               if track_running_stats else {})
+    count = tracked.get("num_batches_tracked", num_batches_tracked)
     bn = _raw(_bn.batch_norm)
     conventions = {"axis": axis, "eps": eps, "momentum": momentum, "momentum_convention": momentum_convention,
                    "running_var_correction": running_var_correction, "single_value": single_value}
