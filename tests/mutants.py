@@ -88,7 +88,9 @@ class Mutant:
     def forward(self, a: Arrays, hp: dict[str, Any]) -> tuple[Arrays, Arrays]:
         return self.oracle(a, hp)
 
-    def backward(self, ct: Arrays, a: Arrays, hp: dict[str, Any]) -> Arrays:
+    def backward(self, ct: Arrays, a: Arrays, hp: dict[str, Any]) -> Arrays | tuple[Arrays, Arrays]:
+        """The gradients; for an op whose VJP updates state (``updated_in = "backward"``),
+        ``(gradients, new backward-pass state)``, which the response carries like forward state."""
         return self.oracle_vjp(ct, a, hp)
 
     # -- the oracle's formulas, optionally under changed hyper-parameters -------------------
@@ -103,10 +105,17 @@ class Mutant:
             return {spec.outputs[0].name: outputs}, dict(state)
         return {t.name: v for t, v in zip(spec.outputs, outputs, strict=True)}, dict(state)
 
-    def oracle_vjp(self, ct: Arrays, a: Arrays, hp: dict[str, Any], **changes: Any) -> Arrays:
+    def oracle_vjp(self, ct: Arrays, a: Arrays, hp: dict[str, Any], **changes: Any
+                   ) -> Arrays | tuple[Arrays, Arrays]:
+        """The oracle's VJP in the arrays' dtype: the gradients, or ``(gradients, new
+        backward-pass state)`` for an op with backward-pass state (PowerNorm, Online Norm)."""
         bound = reference.get(self.op)
         cts = {"d" + t.name: ct.get(t.name) for t in bound.spec.outputs}
-        return dict(_raw(bound.vjp_function)(**cts, **a, **{**hp, **changes}))
+        result = _raw(bound.vjp_function)(**cts, **a, **{**hp, **changes})
+        if bound.spec.backward_state:
+            grads, updated = result
+            return dict(grads), dict(updated)
+        return dict(result)
 
     # -- the adapter protocol ---------------------------------------------------------------
 
@@ -127,6 +136,9 @@ class Mutant:
             if request.cotangents is not None:
                 ct = {k: self._compute(v) for k, v in request.cotangents.items()}
                 grads = self.backward(ct, a, hp)
+                if isinstance(grads, tuple):  # the backward pass's state joins the step's state
+                    grads, updated = grads
+                    state = {**state, **updated}
         store = next(iter(request.inputs.values())).dtype
 
         def out(tree: Arrays) -> Arrays:

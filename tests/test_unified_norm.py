@@ -599,27 +599,11 @@ def test_official_code_matches_numpy_restatement(window, warmup, filtration, off
 
 
 class _UN(Mutant):
-    """The oracle's formulas in the request dtype (tests/mutants.py), with the backward pass's
-    state: the VJP's ``(grads, {"buffer_gz", "ema_gz"})`` goes into the response like forward state."""
+    """The oracle's formulas in the request dtype (tests/mutants.py; the VJP's backward-pass
+    state buffer_gz, ema_gz goes into the response like forward state)."""
 
     op = "unified_norm"
     dtypes = ("float64",)  # the mistakes do not depend on the rounding
-
-    def backward(self, ct, a, hp):
-        grads, self._back = self.vjp_with_state(ct, a, hp)
-        return grads
-
-    def vjp_with_state(self, ct, a, hp, **changes):
-        vjp = OP.vjp_function
-        grads, back = getattr(vjp, "__wrapped__", vjp)(ct["y"], **a, **{**hp, **changes})
-        return dict(grads), dict(back)
-
-    def evaluate(self, op, request):
-        self._back = {}
-        response = super().evaluate(op, request)
-        store = next(iter(request.inputs.values())).dtype
-        response.state.update({k: np.asarray(v).astype(store) for k, v in self._back.items()})
-        return response
 
 
 class UNArithmeticWindowMean(_UN):
@@ -648,7 +632,7 @@ class UNCorrectionWithOldEma(_UN):
     Eq. 14, where the official code updates e first and subtracts e_t."""
 
     def backward(self, ct, a, hp):
-        grads, self._back = self.vjp_with_state(ct, a, hp)
+        grads, updated = self.oracle_vjp(ct, a, hp)
         if hp["training"]:
             x = a["x"]
             axis = hp["axis"] % x.ndim
@@ -659,9 +643,9 @@ class UNCorrectionWithOldEma(_UN):
             if not p.skip:  # dx = (g - c z) / sqrt(s + eps): c = e_{t-1} instead of e_t
                 shape = [1] * x.ndim
                 shape[axis] = x.shape[axis]
-                delta = np.reshape(self._back["ema_gz"] - a["ema_gz"], shape)
+                delta = np.reshape(updated["ema_gz"] - a["ema_gz"], shape)
                 grads["x"] = grads["x"] + delta * p.z * p.inv_s
-        return grads
+        return grads, updated
 
 
 @pytest.mark.xdist_group("unified_norm")
